@@ -1,0 +1,25 @@
+# Two commands do all set-up on a fresh machine:  make demo  and  make test.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: install demo test lint bench clean
+
+# torch first, pinned, and only when absent: a bare `torch` requirement would pull a multi-GB CUDA build.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+
+demo: install
+	$(PYTHON) -m nanoseek info --preset cpu
+
+test: install
+	$(PYTHON) -m pytest tests
+
+lint:
+	ruff check .
+
+bench:
+	$(PYTHON) bench/model.py
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

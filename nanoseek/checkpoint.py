@@ -1,0 +1,119 @@
+"""Checkpoints: safetensors only, written atomically (temp file, fsync, rename), so a crash or a full
+disk mid-save never destroys the previous checkpoint.
+
+A model directory holds `config.json` (ModelConfig, with "model_type": "nanoseek") and
+`model.safetensors` (our state-dict names; see hf.py for transformers' names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nanoseek.config import ModelConfig
+from nanoseek.errors import UserError
+
+MODEL_TYPE = "nanoseek"
+
+
+class CheckpointError(UserError):
+    """A missing, unreadable or mismatched checkpoint; the message is meant for the user as is."""
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(tmp_path), fsync the file, then rename it over `path` (and fsync the directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    """The persistent state, without the tied lm_head copy (safetensors refuses shared storage)."""
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def load_model_state(model, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy tensors into the model, failing with one line that names the first mismatched tensor."""
+    expected = model_state(model)
+    for name, t in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{source}: missing tensor {name}")
+        if tuple(tensors[name].shape) != tuple(t.shape):
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"the config expects {tuple(t.shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensor {extra[0]} (the config has no such weight)")
+    model.load_state_dict(tensors, strict=False)
+
+
+def save_model(model, out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / "model.safetensors", model_state(model), metadata={"format": "pt"})
+    atomic_write_text(out / "config.json", json.dumps({"model_type": MODEL_TYPE, **model.config.to_dict()},
+                                                      indent=2) + "\n")
+
+
+def read_config(path: str | Path) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return d
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """Load a nanoseek model directory (config.json + model.safetensors)."""
+    from nanoseek.model import NanoSeek
+
+    d = Path(model_dir)
+    cfg = read_config(d / "config.json")
+    if cfg.pop("model_type", None) != MODEL_TYPE:
+        raise CheckpointError(f"{d} is not a nanoseek checkpoint (config.json model_type is not {MODEL_TYPE!r})")
+    model = NanoSeek(ModelConfig.from_dict(cfg))
+    load_model_state(model, load_tensors(d / "model.safetensors"), str(d / "model.safetensors"))
+    return model.to(device).eval()

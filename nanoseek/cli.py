@@ -1,0 +1,144 @@
+"""`nanoseek <verb>`: the user's vocabulary. Each verb lives in a module exposing
+`add_arguments(parser)` and `run(args)`; bad input ends in one line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help). Modules are imported when the parser is built (argparse needs the flags).
+VERBS = {
+    "info": ("nanoseek.cli", "show a preset's or a checkpoint's config, parameters and FLOPs per token"),
+    "export": ("nanoseek.cli", "write a transformers DeepseekV3ForCausalLM directory"),
+    "import": ("nanoseek.cli", "read a transformers DeepseekV3 directory into a nanoseek checkpoint"),
+}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--preset / --config / --set: how every verb that builds a model is configured."""
+    p.add_argument("--preset", default="cpu", help="model preset: tiny, cpu, dense, gpu (default: cpu)")
+    p.add_argument("--config", help="JSON file with ModelConfig fields (applied over the preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field (repeatable), e.g. --set num_hidden_layers=6")
+
+
+def model_config(args):
+    from nanoseek.config import ModelConfig, preset
+
+    cfg = preset(args.preset)
+    if args.config:
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), **ModelConfig.load(args.config).to_dict()})
+    return cfg.with_overrides(args.set)
+
+
+def pick_device(name: str = "auto") -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from nanoseek.errors import UserError
+
+        raise UserError("--device cuda was asked for but no CUDA device is available")
+    return name
+
+
+# --- small verbs implemented here -----------------------------------------------------------------
+
+def _info_arguments(p):
+    p.add_argument("path", nargs="?", help="a checkpoint, run or transformers directory (else: the preset)")
+    add_model_arguments(p)
+    p.add_argument("--seq-len", type=int, default=512, help="sequence length for the FLOPs estimate")
+
+
+def _info(args):
+    import json
+
+    from nanoseek.model import NanoSeek
+
+    if args.path:
+        from nanoseek import load
+
+        model, _ = load(args.path)
+    else:
+        model = NanoSeek(model_config(args))
+    print(json.dumps(model.config.to_dict(), indent=2))
+    print(f"parameters: {model.num_params() / 1e6:.2f}M total, {model.num_params(active=True) / 1e6:.2f}M active")
+    print(f"training FLOPs per token at seq {args.seq_len}: {model.flops_per_token(args.seq_len) / 1e6:.1f}M")
+
+
+def _export_arguments(p):
+    p.add_argument("path", help="run or checkpoint directory to export")
+    p.add_argument("--out", required=True, help="output directory (transformers format)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def _export(args):
+    import torch
+
+    from nanoseek import load, resolve
+    from nanoseek.hf import export
+
+    model, _ = load(args.path)
+    _, tok_dir = resolve(args.path)
+    out = export(model, args.out, tok_dir, dtype=getattr(torch, args.dtype))
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+def _import_arguments(p):
+    p.add_argument("path", help="transformers DeepseekV3 directory (config.json + *.safetensors)")
+    p.add_argument("--out", required=True, help="output nanoseek checkpoint directory")
+
+
+def _import(args):
+    from nanoseek import load
+    from nanoseek.checkpoint import save_model
+
+    model, tokenizer = load(args.path)
+    save_model(model, args.out)
+    if tokenizer is not None:
+        tokenizer.save(args.out)
+    print(f"wrote {args.out} ({model.num_params() / 1e6:.2f}M parameters)")
+
+
+LOCAL = {"info": (_info_arguments, _info), "export": (_export_arguments, _export),
+         "import": (_import_arguments, _import)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nanoseek import __version__
+
+    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 and R1 in miniature.")
+    parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb, (module, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        if verb in LOCAL:
+            add, run = LOCAL[verb]
+        else:
+            mod = importlib.import_module(module)
+            add, run = mod.add_arguments, mod.run
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nanoseek.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        result = args._run(args)
+    except UserError as e:
+        print(f"nanoseek {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"nanoseek {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`), its special tokens and the chat template.
+
+Saved as `tokenizer.json` + `tokenizer_config.json`, which `transformers.AutoTokenizer` loads. Byte-level
+BPE with no normaliser is lossless: decode(encode(s)) == s for any UTF-8 string.
+
+Chat format (DeepSeek-R1's shape, ASCII markers):
+    <|bos|>[<|system|>system text]<|user|>question<|assistant|><think>reasoning</think>answer<|eos|>...
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from nanoseek.errors import UserError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+THINK, END_THINK = "<think>", "</think>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, THINK, END_THINK]
+ROLE_MARKERS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+# GPT-4-style split, but digits one at a time (small models learn arithmetic better digit by digit)
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
+                 r"""\s*[\r\n]|\s+(?!\S)|\s+""")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class Tokenizer:
+    def __init__(self, tk):
+        self.tk = tk
+        ids = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise UserError(f"tokenizer lacks the special token(s) {', '.join(missing)}")
+        self.special = ids
+        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation and a loss mask (1 on assistant replies and their <|eos|>)."""
+        ids, mask = [self.bos_id], [0]
+        for i, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in ROLE_MARKERS or not isinstance(content, str):
+                raise UserError(f"message {i}: needs role system/user/assistant and a string content")
+            ids.append(self.special[ROLE_MARKERS[role]])
+            mask.append(0)
+            body = self.encode(content)
+            if role == "assistant":
+                body.append(self.eos_id)
+            ids += body
+            mask += [int(role == "assistant")] * len(body)
+        if add_generation_prompt:
+            ids.append(self.special[ASSISTANT])
+            mask.append(0)
+        return ids, mask
+
+    def save(self, out_dir: str | Path) -> None:
+        from nanoseek.checkpoint import atomic_write_text
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "tokenizer.json", self.tk.to_str())
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+            "additional_special_tokens": [SYSTEM, USER, ASSISTANT, THINK, END_THINK],
+            "clean_up_tokenization_spaces": False, "add_bos_token": False, "model_max_length": 1 << 20,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        p = Path(path)
+        f = p / "tokenizer.json" if p.is_dir() else p
+        if not f.exists():
+            raise UserError(f"no tokenizer at {p} (expected tokenizer.json)")
+        try:
+            return cls(HFTokenizer.from_file(str(f)))
+        except Exception as e:  # tokenizers raises its own Exception type for malformed files
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"cannot read tokenizer {f}: {e}") from None
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on an iterator of texts (any size: tokenizers streams it)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise UserError(f"vocab_size={vocab_size} is too small: it needs 256 bytes + "
+                        f"{len(SPECIAL_TOKENS)} special tokens + at least one merge")
+    tk = HFTokenizer(models.BPE(byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tk)

@@ -1,0 +1,43 @@
+"""The CLI surface: the verb list is frozen here, every verb has --help, bad input is one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nanoseek.cli import VERBS, build_parser, main
+
+EXPECTED_VERBS = ["info", "export", "import"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_verbs_are_the_documented_ones():
+    assert list(VERBS) == EXPECTED_VERBS
+
+
+@pytest.mark.parametrize("verb", EXPECTED_VERBS)
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([verb, "--help"])
+    assert e.value.code == 0
+    assert verb in capsys.readouterr().out
+
+
+def test_info_preset(capsys):
+    assert main(["info", "--preset", "tiny", "--set", "num_hidden_layers=3"]) == 0
+    out = capsys.readouterr().out
+    assert '"num_hidden_layers": 3' in out and "parameters:" in out
+
+
+def test_bad_override_is_one_line_error():
+    r = run("info", "--preset", "tiny", "--set", "num_experts_per_tok=99")
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "num_experts_per_tok" in r.stderr
+
+
+def test_missing_path_is_one_line_error(tmp_path):
+    r = run("export", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr

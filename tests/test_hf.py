@@ -1,0 +1,106 @@
+"""Parity with transformers' DeepseekV3ForCausalLM, export/import round trips, bad directories."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.checkpoint import CheckpointError, save_model
+from nanoseek.config import preset
+from nanoseek.hf import export, import_dir
+from nanoseek.model import NanoSeek
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {
+    "q_lora+groups": dict(q_lora_rank=32, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    "no_q_lora+4groups": dict(q_lora_rank=None, n_routed_experts=8, n_group=4, topk_group=2),
+    "shared3+all_moe": dict(n_shared_experts=3, first_k_dense_replace=0, num_experts_per_tok=3, n_group=1,
+                            topk_group=1, norm_topk_prob=False),
+    "tied+3layers": dict(tie_word_embeddings=True, num_hidden_layers=3, num_nextn_predict_layers=2),
+    "no_mtp+dense_first2": dict(num_nextn_predict_layers=0, first_k_dense_replace=2, num_hidden_layers=3),
+}
+
+
+def random_model(**overrides):
+    model = NanoSeek(preset("tiny", **overrides)).eval()
+    with torch.no_grad():  # make every weight matter: non-trivial norms and expert biases
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+        for m in model.moe_layers():
+            m.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(tmp_path, name):
+    model = random_model(**CONFIGS[name])
+    export(model, tmp_path)
+    ref, info = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    ref.eval()
+    L = model.config.num_hidden_layers
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    # only the MTP layers (which transformers never builds) are left over
+    assert all(k.startswith(tuple(f"model.layers.{L + k}." for k in range(len(model.mtp))))
+               for k in info["unexpected_keys"])
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        diff = (model(ids) - ref(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_export_import_round_trip_is_bit_identical(tmp_path):
+    model = random_model(num_nextn_predict_layers=2)
+    export(model, tmp_path / "hf")
+    back = import_dir(tmp_path / "hf")
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["scoring_func"] == "sigmoid" and cfg["topk_method"] == "noaux_tc" and cfg["moe_layer_freq"] == 1
+    assert cfg["num_nextn_predict_layers"] == 2 and cfg["model_type"] == "deepseek_v3"
+
+
+def test_load_reads_run_checkpoint_and_transformers_dirs(tmp_path):
+    model = random_model()
+    save_model(model, tmp_path / "run" / "base")
+    m1, tok = nanoseek.load(tmp_path / "run")
+    assert tok is None and all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), model.state_dict().values()))
+    # a directory written by transformers itself (no MTP weights) loads without conversion
+    export(model, tmp_path / "hf")
+    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf")
+    ref.save_pretrained(tmp_path / "hf2")
+    m2, _ = nanoseek.load(tmp_path / "hf2")
+    assert len(m2.mtp) == 0
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        assert (m2(ids) - model(ids)).abs().max() < 1e-5
+
+
+def test_bad_directories_fail_with_one_line(tmp_path):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="not a DeepseekV3 model"):
+        import_dir(tmp_path / "llama")
+    export(random_model(), tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["kv_lora_rank"] = 48  # the tensors no longer fit the config
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.kv_a_proj_with_mqa\.weight"):
+        import_dir(tmp_path / "hf")
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "import", str(tmp_path / "hf"), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "kv_a_proj_with_mqa" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dense_baseline_refuses_export(tmp_path):
+    from nanoseek.config import ConfigError
+
+    with pytest.raises(ConfigError, match="mha"):
+        export(NanoSeek(preset("dense", vocab_size=64, hidden_size=32, num_hidden_layers=1)), tmp_path)

@@ -1,0 +1,158 @@
+"""The model core: MoE dispatch, balancing, MTP, bf16, config validation."""
+
+import pytest
+import torch
+
+from nanoseek.config import ConfigError, ModelConfig, preset
+from nanoseek.model import MoE, NanoSeek
+
+
+def test_sorted_dispatch_equals_per_expert_loop():
+    cfg = preset("tiny", n_routed_experts=8, num_experts_per_tok=3, n_group=1, topk_group=1)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(37, cfg.hidden_size)
+    w, idx, _ = moe.gate(x)
+    assert idx.shape == (37, 3) and w.shape == (37, 3)
+    fast = moe.experts(x, idx, w)
+    slow = moe.experts.forward_reference(x, idx, w)
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+    # and gradients agree too
+    g1 = torch.autograd.grad(moe.experts(x, idx, w).square().sum(), moe.experts.gate_up_proj)[0]
+    g2 = torch.autograd.grad(moe.experts.forward_reference(x, idx, w).square().sum(), moe.experts.gate_up_proj)[0]
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+def test_group_limited_routing_only_picks_kept_groups():
+    cfg = preset("tiny", n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=1.0)
+    x = torch.randn(64, cfg.hidden_size)
+    _, idx, scores = moe.gate(x)
+    group_score = scores.view(64, 4, 2).sum(-1)  # 2 experts per group: top-2 sum is the sum
+    kept = group_score.topk(2, -1).indices
+    chosen_groups = idx // 2
+    assert all(set(c.tolist()) <= set(k.tolist()) for c, k in zip(chosen_groups, kept))
+
+
+def test_bias_steers_selection_not_weights():
+    cfg = preset("tiny", n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2, norm_topk_prob=False)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    x = torch.randn(16, cfg.hidden_size)
+    moe.gate.e_score_correction_bias[3] = 100.0  # expert 3 is always chosen ...
+    w, idx, scores = moe.gate(x)
+    assert (idx == 3).any(-1).all()
+    slot = (idx == 3).int().argmax(-1)
+    # ... but its weight is its raw sigmoid score, untouched by the bias
+    torch.testing.assert_close(w[torch.arange(16), slot], scores[:, 3])
+
+
+def test_bias_update_moves_load_towards_balance():
+    cfg = preset("tiny", n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2, bias_update_speed=0.01)
+    moe = MoE(cfg).train()
+    torch.nn.init.normal_(moe.gate.weight, std=0.02)
+    with torch.no_grad():
+        moe.gate.weight[0] += 0.3  # expert 0 is favoured by every token of a biased input
+    for p in moe.experts.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(4, 64, cfg.hidden_size) + 1.0
+
+    def imbalance():
+        with torch.no_grad():
+            moe(x)
+        r = float(moe.load.max() / moe.load.mean())
+        return r
+
+    before = imbalance()
+    for _ in range(200):
+        moe.update_bias(cfg.bias_update_speed)
+        after = imbalance()
+    assert before > 2.0
+    assert after < before / 2, (before, after)
+    assert moe.gate.e_score_correction_bias[0] < 0  # the overloaded expert was pushed down
+
+
+def test_mtp_loss_finite_and_reaches_mtp_weights():
+    model = NanoSeek(preset("tiny", num_nextn_predict_layers=2, aux_loss_alpha=1e-4)).train()
+    ids = torch.randint(0, 512, (2, 32))
+    out = model(ids[:, :-1], ids[:, 1:])
+    assert torch.isfinite(out.loss) and torch.isfinite(out.mtp_loss) and out.aux_loss > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.3 * out.mtp_loss + out.aux_loss)
+    out.loss.backward()
+    for k in range(2):
+        for name in ("eh_proj.weight", "enorm.weight", "block.self_attn.kv_b_proj.weight"):
+            g = model.mtp[k].get_parameter(name).grad
+            assert g is not None and g.abs().sum() > 0, (k, name)
+    assert model.mtp[0].block.mlp.gate.weight.grad.abs().sum() > 0  # aux loss and routing reach the router
+
+
+def test_targets_minus_one_are_ignored():
+    model = NanoSeek(preset("tiny", num_nextn_predict_layers=0))
+    ids = torch.randint(0, 512, (1, 16))
+    t = ids.clone()
+    t[:, :8] = -1
+    full = torch.nn.functional.cross_entropy(model(ids)[0, 8:], ids[0, 8:])
+    torch.testing.assert_close(model(ids, t).lm_loss, full)
+
+
+def test_bf16_autocast_forward_close_to_fp32():
+    model = NanoSeek(preset("tiny")).eval()
+    ids = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        ref = model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(ids)
+            assert model.moe_layers()[0].gate(torch.randn(3, 64))[0].dtype == torch.float32  # router stays fp32
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    assert torch.nn.functional.cosine_similarity(low.float().flatten(), ref.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("name", ["tiny", "dense"])
+def test_train_step_reduces_loss(name):
+    cfg = preset(name, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64)
+    model = NanoSeek(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 64, (4, 33))
+    losses = []
+    for _ in range(30):
+        out = model(ids[:, :-1], ids[:, 1:])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        model.update_expert_bias()
+        losses.append(out.lm_loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_experts_per_tok", 9),  # > n_routed_experts=8
+    ("topk_group", 3),  # > n_group=2
+    ("qk_rope_head_dim", 7),  # odd
+    ("n_group", 3),  # does not divide 8 experts
+    ("attention_type", "gqa"),
+    ("hidden_size", 0),
+])
+def test_inconsistent_config_is_rejected_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        preset("tiny", **{field: value})
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = preset("tiny", q_lora_rank=None, extra={"note": "kept"})
+    cfg.save(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == cfg
+    with pytest.raises(ConfigError, match="unknown config field"):
+        cfg.with_overrides(["no_such_field=1"])
+    assert cfg.with_overrides(["num_hidden_layers=3", "q_lora_rank=null"]).num_hidden_layers == 3
+
+
+def test_presets_sizes():
+    assert NanoSeek(preset("tiny")).num_params() < 1_000_000
+    gpu = NanoSeek(preset("gpu"))
+    assert gpu.num_params() > 100_000_000
+    dense, cpu = preset("dense"), preset("cpu")
+    assert dense.hidden_size == cpu.hidden_size and dense.num_hidden_layers == cpu.num_hidden_layers
+    assert dense.n_routed_experts == 0 and dense.num_nextn_predict_layers == 0 and dense.attention_type == "mha"
