@@ -8,9 +8,10 @@ PIP = $(PYTHON) -m pip
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
+	$(PYTHON) -m nanoseek.data --install-default
 
 demo: install
-	$(PYTHON) -m nanoseek info --preset cpu
+	$(PYTHON) -m nanoseek pretrain --run runs/demo --time-budget 600
 
 test: install
 	$(PYTHON) -m pytest tests

@@ -37,6 +37,9 @@ def atomic_write(path: str | Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, a read-only file system
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -117,3 +120,47 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu"):
     model = NanoSeek(ModelConfig.from_dict(cfg))
     load_model_state(model, load_tensors(d / "model.safetensors"), str(d / "model.safetensors"))
     return model.to(device).eval()
+
+
+# --- training state: one file, so that a checkpoint is replaced atomically as a whole ---------------
+
+def save_training_state(path: str | Path, model, optimizer_states: list[dict], info: dict) -> None:
+    """model weights + optimizer tensors + RNG state in one safetensors file; everything that is not a
+    tensor (step, data position, optimizer hyper-parameters) as JSON in its metadata."""
+    tensors = {f"model.{k}": v for k, v in model_state(model).items()}
+    groups = []
+    for i, s in enumerate(optimizer_states):
+        for pid, st in s["state"].items():
+            for key, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"optim.{i}.{pid}.{key}"] = v
+                else:
+                    info.setdefault("optim_scalars", {})[f"{i}.{pid}.{key}"] = v
+        groups.append(s["param_groups"])
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_tensors(path, tensors, metadata={"info": json.dumps({**info, "param_groups": groups})})
+
+
+def load_training_state(path: str | Path, model) -> tuple[list[dict], dict]:
+    """Restore the model in place; return (optimizer state dicts, info)."""
+    from safetensors import safe_open
+
+    if not Path(path).exists():
+        raise CheckpointError(f"no checkpoint to resume from at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads(f.metadata()["info"])
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    tensors = load_tensors(path)
+    load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
+    states = [{"state": {}, "param_groups": g} for g in info.pop("param_groups")]
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, pid, key = k.split(".", 3)
+            states[int(i)]["state"].setdefault(int(pid), {})[key] = v
+    for k, v in info.pop("optim_scalars", {}).items():
+        i, pid, key = k.split(".", 2)
+        states[int(i)]["state"].setdefault(int(pid), {})[key] = v
+    torch.set_rng_state(tensors["rng.torch"])
+    return states, info

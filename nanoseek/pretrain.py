@@ -1,0 +1,295 @@
+"""`nanoseek pretrain`: tokenizer (if absent) -> token shards (if absent) -> the training loop.
+
+    nanoseek pretrain --run runs/demo --time-budget 600          # the built-in default corpus
+    nanoseek pretrain --run runs/mine --data ~/texts/ --max-steps 2000
+    torchrun --standalone --nproc_per_node=2 -m nanoseek pretrain --run runs/ddp ...
+
+Writes runs/<name>/base/: config.json + model.safetensors (the model, for load/chat/export),
+checkpoint.safetensors (model + optimizer + RNG + data position, for --resume) and metrics.jsonl.
+Each optimizer step: Muon/AdamW update, then the aux-loss-free expert-bias update from the step's load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek import parallel
+from nanoseek.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_training_state,
+    read_config,
+    save_model,
+    save_training_state,
+)
+from nanoseek.cli import add_model_arguments, model_config, pick_device
+from nanoseek.config import ModelConfig
+from nanoseek.data import (
+    TokenLoader,
+    add_data_arguments,
+    ensure_data,
+    ensure_tokenizer,
+    load_tokens,
+    tokenizer_fingerprint,
+)
+from nanoseek.errors import UserError
+from nanoseek.evaluate import autocast, bits_per_byte
+from nanoseek.model import NanoSeek
+from nanoseek.optim import Optimizers, lr_scale
+from nanoseek.tokenizer import Tokenizer
+
+
+def add_arguments(p) -> None:
+    add_data_arguments(p)
+    add_model_arguments(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (the schedule spans them)")
+    g.add_argument("--time-budget", type=float, help="seconds of training (the schedule spans them)")
+    g.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
+    g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    g.add_argument("--muon-lr", type=float, default=0.02, help="Muon learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", choices=["wsd", "cosine", "constant"], default="wsd")
+    g.add_argument("--warmup", type=float, default=0.02, help="warm-up, fraction of the run")
+    g.add_argument("--decay", type=float, default=0.4, help="WSD: final decay, fraction of the run")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0)
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast dtype of matmuls")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
+    g.add_argument("--eval-every", type=int, default=200, help="steps between val evaluations (0: end only)")
+    g.add_argument("--eval-tokens", type=int, default=0, help="cap on val tokens per evaluation (0: all)")
+    g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from <run>/base/checkpoint.safetensors")
+
+
+def run(args) -> None:
+    train(args)
+
+
+# --- set-up steps ------------------------------------------------------------------------------------
+
+_PEAK: dict = {}
+
+
+def measured_peak_flops(device: str, dtype: str) -> float:
+    """Best matmul FLOP/s of this device in this dtype, measured once per process (MFU's denominator)."""
+    key = (device, dtype)
+    if key not in _PEAK:
+        n, dt = 2048, torch.bfloat16 if dtype == "bf16" else torch.float32
+        a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+        best = float("inf")
+        for _ in range(6):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            a @ b
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        _PEAK[key] = 2 * n**3 / best
+    return _PEAK[key]
+
+
+def fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+def train(args):
+    """The whole pretraining run; returns (model, summary dict)."""
+    if not args.max_steps and not args.time_budget:
+        raise UserError("give --max-steps or --time-budget (or both: whichever ends first)")
+    if args.seq_len < 2 or args.batch_size < 1 or args.grad_accum < 1:
+        raise UserError("--seq-len must be >= 2, --batch-size and --grad-accum >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = parallel.init(pick_device(args.device))
+    torch.manual_seed(args.seed)
+    run_dir, stage = Path(args.run), Path(args.run) / "base"
+    ckpt_path = stage / "checkpoint.safetensors"
+    if args.resume and not ckpt_path.exists():
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+
+    # configuration: a resumed run keeps its own; a new one takes preset/config/--set
+    if args.resume:
+        saved = read_config(stage / "config.json")
+        saved.pop("model_type", None)
+        cfg = ModelConfig.from_dict(saved)
+    else:
+        cfg = model_config(args)
+    if d.main:
+        tok = ensure_tokenizer(args, run_dir, args.vocab_size or cfg.vocab_size)
+        meta = ensure_data(args, run_dir, tok, args.seq_len + 1)
+    parallel.barrier(d)
+    if not d.main:
+        tok = Tokenizer.load(run_dir / "tokenizer")
+        meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    if not args.resume:  # the model's vocabulary is the tokenizer's
+        cfg = cfg.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                          pad_token_id=tok.pad_id)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"the tokenizer in {run_dir / 'tokenizer'} has {tok.vocab_size} tokens but the "
+                              f"checkpoint's model only {cfg.vocab_size}: they do not belong together")
+    if args.seq_len > cfg.max_position_embeddings:
+        raise UserError(f"--seq-len {args.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+
+    model = NanoSeek(cfg).to(d.device)
+    opt = Optimizers(model, args.optimizer, args.lr, args.muon_lr, args.weight_decay)
+    train_tokens, val_tokens = load_tokens(run_dir / "data", "train"), load_tokens(run_dir / "data", "val")
+    loader = TokenLoader(train_tokens, args.batch_size, args.seq_len, args.seed, d.rank, d.world)
+    step, train_time, tokens_seen = 0, 0.0, 0
+    if args.resume:
+        states, info = load_training_state(ckpt_path, model)
+        if info.get("tokenizer_sha") != tokenizer_fingerprint(tok):
+            raise CheckpointError(f"the tokenizer in {run_dir / 'tokenizer'} is not the one {ckpt_path} was "
+                                  "trained with")
+        opt.load_state_dict(states)
+        loader.load_state_dict(info["loader"])
+        step, train_time, tokens_seen = info["step"], info["train_time"], info["tokens"]
+    stage.mkdir(parents=True, exist_ok=True)
+    metrics_path = stage / "metrics.jsonl"
+    if d.main:
+        _truncate_metrics(metrics_path, step)
+        if not args.resume:
+            save_model(model, stage)  # config.json now: a crash before the first checkpoint still leaves one
+    train_model = parallel.wrap(torch.compile(model) if args.compile else model, d)
+
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * d.world
+    flops_per_step = model.flops_per_token(args.seq_len) * tokens_per_step
+    peak = measured_peak_flops(d.device, args.dtype) * d.world
+    log = print if d.main else (lambda *a, **k: None)
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M active), "
+        f"train {meta['train']['tokens']:,} tokens, val {meta['val']['tokens']:,} tokens, "
+        f"{tokens_per_step:,} tokens/step, peak {peak / 1e12:.2f} TFLOP/s ({args.dtype})")
+
+    def progress() -> float:
+        p = []
+        if args.max_steps:
+            p.append(step / args.max_steps)
+        if args.time_budget:
+            p.append(train_time / args.time_budget)
+        return max(p)
+
+    def evaluate() -> dict:
+        toks = val_tokens[: args.eval_tokens] if args.eval_tokens else val_tokens
+        frac = len(toks) / len(val_tokens)  # a capped evaluation scores that share of the bytes
+        r = bits_per_byte(model, toks, meta["val"]["bytes"] * frac, meta["val"]["chars"] * frac, args.seq_len,
+                          tok.bos_id, d.device, args.dtype, d.rank, d.world,
+                          lambda t: parallel.all_reduce(t, d))
+        return {"step": step, "time": round(train_time, 3), "tokens": tokens_seen, **r}
+
+    def save() -> None:
+        if d.main:
+            info = {"step": step, "train_time": train_time, "tokens": tokens_seen, "loader": loader.state_dict(),
+                    "tokenizer_sha": tokenizer_fingerprint(tok), "args": _jsonable(vars(args))}
+            try:
+                save_training_state(ckpt_path, model, opt.state_dict(), info)
+                save_model(model, stage)
+            except CheckpointError as e:
+                raise UserError(f"{e}; the previous checkpoint in {stage} is intact") from None
+        parallel.barrier(d)
+
+    def record(entry: dict) -> None:
+        if d.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    history = []
+    stop = {"signal": None}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal="SIGTERM"))
+    window_t, window_tokens = time.perf_counter(), 0
+    model.train()
+    try:
+        while progress() < 1 and stop["signal"] is None:
+            t0 = time.perf_counter()
+            opt.set_lr(lr_scale(progress(), args.schedule, args.warmup, args.decay, args.min_lr_ratio))
+            losses = torch.zeros(3)
+            for micro in range(args.grad_accum):
+                x, y = loader.next_batch()
+                x, y = x.to(d.device), y.to(d.device)
+                sync = micro == args.grad_accum - 1 or d.world == 1
+                ctx = contextlib.nullcontext() if sync else train_model.no_sync()
+                with ctx:
+                    with autocast(d.device, args.dtype):
+                        out = train_model(x, y)
+                    (out.loss / args.grad_accum).backward()
+                losses += torch.tensor([out.loss.item(), out.lm_loss.item(),
+                                        out.mtp_loss.item() if out.mtp_loss is not None else math.nan])
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else 1e30)
+            opt.step()
+            opt.zero_grad()
+            parallel.sync_expert_load(model, d)
+            load_stats = model.update_expert_bias()
+            step += 1
+            tokens_seen += tokens_per_step
+            dt = time.perf_counter() - t0
+            train_time += dt
+            window_tokens += tokens_per_step
+            if not math.isfinite(losses[0]):
+                raise UserError(f"loss became {losses[0].item()} at step {step}: lower --lr/--muon-lr")
+            if step % args.log_every == 0 or progress() >= 1:
+                loss, lm_loss, mtp_loss = (parallel.mean(v / args.grad_accum, d) for v in losses.tolist())
+                elapsed = time.perf_counter() - window_t
+                tps = window_tokens / elapsed
+                mfu = flops_per_step * (window_tokens / tokens_per_step) / elapsed / peak
+                window_t, window_tokens = time.perf_counter(), 0
+                entry = {"step": step, "time": round(train_time, 3), "tokens": tokens_seen, "loss": loss,
+                         "lm_loss": lm_loss, "lr_scale": lr_scale(progress(), args.schedule, args.warmup,
+                                                                   args.decay, args.min_lr_ratio),
+                         "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu, **load_stats}
+                if not math.isnan(mtp_loss):
+                    entry["mtp_loss"] = mtp_loss
+                record(entry)
+                eta = train_time / max(progress(), 1e-9) - train_time
+                log(f"step {step:5d} | loss {lm_loss:.4f} | {tps / 1e3:6.1f}k tok/s | MFU {mfu * 100:4.1f}% | "
+                    f"lr x{entry['lr_scale']:.2f} | ETA {fmt_time(eta)}")
+            if args.eval_every and step % args.eval_every == 0 and progress() < 1:
+                r = evaluate()
+                history.append(r)
+                record(r)
+                log(f"step {step:5d} | val loss {r['val_loss']:.4f} | val bpb {r['val_bpb']:.4f}")
+            if args.save_every and step % args.save_every == 0:
+                save()
+    except KeyboardInterrupt:
+        stop["signal"] = "SIGINT"
+    save()
+    if stop["signal"]:
+        log(f"stopped by {stop['signal']} at step {step}; resume with --resume")
+        parallel.shutdown(d)
+        return model, {"step": step, "interrupted": True}
+    r = evaluate()
+    history.append(r)
+    record(r)
+    log(f"done: {step} steps, {fmt_time(train_time)} training | val loss {r['val_loss']:.4f} | "
+        f"val bpb {r['val_bpb']:.4f} | saved {stage}")
+    parallel.shutdown(d)
+    return model, {"step": step, "train_time": train_time, "tokens": tokens_seen, "evals": history, **r}
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the entries logged after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -1,0 +1,96 @@
+import json
+
+import numpy as np
+import pytest
+from helpers import corpus_text
+
+from nanoseek.data import (
+    TokenLoader,
+    eval_windows,
+    load_documents,
+    load_tokens,
+    prepare,
+    resolve_sources,
+    split_documents,
+)
+from nanoseek.errors import UserError
+from nanoseek.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(iter([corpus_text()]), vocab_size=300)
+
+
+def test_reads_txt_jsonl_parquet_dirs_and_globs(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.txt").write_text("first doc")
+    (tmp_path / "a" / "two.jsonl").write_text(json.dumps({"text": "second"}) + "\n\n" + json.dumps({"text": "third"}))
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["fourth", "fifth"]}), tmp_path / "a" / "three.parquet")
+    (tmp_path / "a" / "skip.bin").write_bytes(b"\x00\x01")  # not a corpus suffix: ignored in directories
+    assert load_documents([str(tmp_path / "a")]) == ["first doc", "fourth", "fifth", "second", "third"]
+    assert load_documents([str(tmp_path / "a" / "*.txt")]) == ["first doc"]
+    assert len(resolve_sources([str(tmp_path / "**" / "*.jsonl")])) == 1
+
+
+@pytest.mark.parametrize("setup,match", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_text(""), "is empty"),
+    (lambda p: p.write_bytes(b"\x7fELF\x00\x00binary"), "binary"),
+    (lambda p: p.write_bytes(b"caf\xe9"), "not UTF-8"),
+])
+def test_bad_corpora_fail_with_a_message(tmp_path, setup, match):
+    p = tmp_path / "c.txt"
+    setup(p)
+    with pytest.raises(UserError, match=match):
+        load_documents([str(p)])
+
+
+def test_split_is_nanogpts_on_one_file():
+    text = corpus_text(200)
+    train, val = split_documents([text], 0.1)
+    n = len(text)
+    assert train == [text[: int(n * 0.9)]] and val == [text[int(n * 0.9):]]
+    train, val = split_documents(["aaaa", "bbbb", "cc"], 0.5)
+    assert train == ["aaaa", "b"] and val == ["bbb", "cc"]
+
+
+def test_prepare_counts_bytes_and_rejects_tiny_corpora(tmp_path, tok):
+    (tmp_path / "c.txt").write_text(corpus_text(300) + "ünïcödé\n")
+    meta = prepare([str(tmp_path / "c.txt")], tok, tmp_path / "data", 0.1)
+    val = load_tokens(tmp_path / "data", "val")
+    assert val.dtype == np.uint16 and len(val) == meta["val"]["tokens"]
+    assert tok.decode(val[1:].tolist()).endswith("ünïcödé\n")  # val keeps the tail, after its <|bos|>
+    assert meta["val"]["bytes"] == meta["val"]["chars"] + 4
+    (tmp_path / "small.txt").write_text("too small")
+    with pytest.raises(UserError, match="fewer than one training sequence"):
+        prepare([str(tmp_path / "small.txt")], tok, tmp_path / "d2", 0.1, min_tokens=65)
+
+
+def test_loader_resumes_at_the_exact_position():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    a = TokenLoader(tokens, batch_size=4, seq_len=64, seed=3)
+    for _ in range(45):  # crosses an epoch boundary (37 windows per epoch / 4 per batch)
+        a.next_batch()
+    b = TokenLoader(tokens, batch_size=4, seq_len=64, seed=3)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for _ in range(10):
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert (xa == xb).all() and (ya == yb).all()
+        assert (ya[:, :-1] == xa[:, 1:]).all()
+
+
+def test_ranks_split_the_global_batch():
+    tokens = np.arange(5000, dtype=np.uint16)
+    whole = TokenLoader(tokens, 4, 32, seed=1).next_batch()[0]
+    parts = [TokenLoader(tokens, 2, 32, seed=1, rank=r, world=2).next_batch()[0] for r in range(2)]
+    assert sorted(map(tuple, whole.tolist())) == sorted(map(tuple, (parts[0].tolist() + parts[1].tolist())))
+
+
+def test_eval_windows_score_every_token_once():
+    tokens = np.arange(1, 101, dtype=np.uint16)
+    ys = [y for _, y in eval_windows(tokens, 32, bos_id=0)]
+    assert np.concatenate([y.numpy().ravel() for y in ys]).tolist() == list(range(1, 101))

@@ -1,0 +1,113 @@
+"""End-to-end pretraining through the CLI: progress, metrics, exact resume after SIGKILL, bad input."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import corpus_text
+
+TINY = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "320", "--log-every", "2",
+        "--eval-every", "10", "--threads", "1"]
+
+
+def nanoseek(*args, check=True, **kw):
+    r = subprocess.run([sys.executable, "-m", "nanoseek", *map(str, args)], capture_output=True, text=True,
+                       timeout=300, **kw)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "text.txt").write_text(corpus_text())
+    return d / "text.txt"
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "base" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_runs_logs_and_loads(tmp_path, corpus):
+    r = nanoseek("pretrain", "--run", tmp_path / "run", "--data", corpus, "--max-steps", 20, *TINY)
+    assert "tok/s" in r.stdout and "MFU" in r.stdout and "ETA" in r.stdout and "val bpb" in r.stdout
+    m = metrics(tmp_path / "run")
+    train = [e for e in m if "loss" in e]
+    evals = [e for e in m if "val_bpb" in e]
+    assert train[-1]["step"] == 20 and train[-1]["loss"] < train[0]["loss"]
+    assert evals[-1]["step"] == 20 and 0 < evals[-1]["val_bpb"] < 8
+    assert "load_max_over_mean/0" in train[0] and "grad_norm" in train[0]
+    from nanoseek import load
+
+    model, tok = load(tmp_path / "run")
+    assert tok is not None and model.config.vocab_size == tok.vocab_size
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
+    args = ["--data", corpus, "--max-steps", 40, "--save-every", 10, *TINY]
+    nanoseek("pretrain", "--run", tmp_path / "a", *args)
+    # same run, killed with SIGKILL right after its first checkpoint, then resumed
+    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", tmp_path / "b", *map(str, args)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "b" / "base" / "checkpoint.safetensors"
+    deadline = time.time() + 240
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    killed_at = max(e["step"] for e in metrics(tmp_path / "b"))
+    assert killed_at < 40
+    nanoseek("pretrain", "--run", tmp_path / "b", "--resume", *args)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b") or _same_losses(tmp_path)
+
+
+def _same_losses(tmp_path):
+    # timings differ between the runs; every loss, bpb and step must not
+    keys = ("step", "loss", "lm_loss", "mtp_loss", "val_loss", "val_bpb", "grad_norm")
+    strip = lambda m: [{k: e[k] for k in keys if k in e} for e in m]
+    assert strip(metrics(tmp_path / "a")) == strip(metrics(tmp_path / "b"))
+    return True
+
+
+def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
+    def fails(*args, match, **kw):
+        r = nanoseek("pretrain", *args, check=False, **kw)
+        assert r.returncode == 1, r.stderr
+        assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0 and match in r.stderr, r.stderr
+
+    fails("--run", tmp_path / "x", "--data", tmp_path / "missing.txt", "--max-steps", 1, *TINY,
+          match="does not exist")
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02" * 100)
+    fails("--run", tmp_path / "x", "--data", tmp_path / "bin.txt", "--max-steps", 1, *TINY, match="binary")
+    (tmp_path / "empty.txt").write_text("")
+    fails("--run", tmp_path / "x", "--data", tmp_path / "empty.txt", "--max-steps", 1, *TINY, match="empty")
+    (tmp_path / "short.txt").write_text(corpus_text(3))
+    fails("--run", tmp_path / "s", "--data", tmp_path / "short.txt", "--max-steps", 1, *TINY,
+          match="fewer than one training sequence")
+    fails("--run", tmp_path / "none", "--data", corpus, "--max-steps", 1, "--resume", *TINY, match="no checkpoint")
+
+    run = tmp_path / "run"
+    nanoseek("pretrain", "--run", run, "--data", corpus, "--max-steps", 4, "--save-every", 2, *TINY)
+    before = (run / "base" / "checkpoint.safetensors").read_bytes()
+    # a tokenizer that is not the checkpoint's
+    other = tmp_path / "other"
+    nanoseek("tokenizer", "--run", other, "--data", corpus, "--vocab-size", 300)
+    (run / "tokenizer" / "tokenizer.json").rename(run / "tokenizer.json.bak")
+    (other / "tokenizer" / "tokenizer.json").rename(run / "tokenizer" / "tokenizer.json")
+    fails("--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY, match="tokenizer")
+    (run / "tokenizer.json.bak").rename(run / "tokenizer" / "tokenizer.json")
+    # the disk fills up while saving: writes past 64 KB fail with EFBIG, as on a full disk
+    limit = lambda: (signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+                     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024)))
+    fails("--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY, match="could not write",
+          preexec_fn=limit)
+    assert (run / "base" / "checkpoint.safetensors").read_bytes() == before
+    assert not [p for p in os.listdir(run / "base") if p.endswith(".tmp")]
+    nanoseek("pretrain", "--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY)

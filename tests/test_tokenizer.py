@@ -1,0 +1,51 @@
+import pytest
+from helpers import corpus_text
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nanoseek.errors import UserError
+from nanoseek.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    t = train_tokenizer(iter([corpus_text(), "héllo wörld 你好 🙂 tabs\tand\r\nnewlines"]), vocab_size=400)
+    d = tmp_path_factory.mktemp("tok")
+    t.save(d)
+    return Tokenizer.load(d), d
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
+def test_round_trip_is_exact_on_any_utf8(tok, text):
+    t, _ = tok
+    assert t.decode(t.encode(text)) == text
+
+
+def test_special_tokens_are_single_ids(tok):
+    t, _ = tok
+    for s in SPECIAL_TOKENS:
+        assert len(t.encode(s)) == 1
+    assert t.vocab_size <= 400
+
+
+def test_transformers_autotokenizer_agrees(tok):
+    transformers = pytest.importorskip("transformers")
+    t, d = tok
+    hf = transformers.AutoTokenizer.from_pretrained(d)
+    text = "The king said: 12 + 7 = 19.\n<think>hmm</think> ok"
+    assert hf.encode(text, add_special_tokens=False) == t.encode(text)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "<think>greet</think>Hello."}, {"role": "user", "content": "Bye"}]
+    ids, mask = t.render_chat(messages, add_generation_prompt=True)
+    assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False) == ids
+    # the loss mask covers exactly the assistant reply and its end-of-sequence token
+    assert t.decode([i for i, m in zip(ids, mask) if m]) == "<think>greet</think>Hello.<|eos|>"
+
+
+def test_bad_messages_and_sizes(tok):
+    t, _ = tok
+    with pytest.raises(UserError, match="message 0"):
+        t.render_chat([{"role": "robot", "content": "x"}])
+    with pytest.raises(UserError, match="too small"):
+        train_tokenizer(iter(["abc"]), vocab_size=100)
