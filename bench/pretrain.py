@@ -1,0 +1,105 @@
+"""The pretraining race. Prints one JSON object as its last line.
+
+P1  nanoGPT race on Tiny Shakespeare (val = last 10% of the file, nanoGPT's split): the training time our
+    best CPU configuration needs to reach nanoGPT's final 2.720 bits per character, and the bits per
+    character we reach in nanoGPT's 167.8 s.
+P2  DeepSeek (`cpu` preset) vs `dense` preset at equal wall clock on the default corpus: val bits per byte.
+P3  model FLOPs per second over the bf16 matmul peak measured in the same process (cpu preset, P2's run).
+
+Clocks count training steps only (evaluation and checkpointing are excluded and reported apart).
+    python bench/pretrain.py                    # everything (~15 minutes on 2 cores)
+    python bench/pretrain.py --only p1 --p1-seconds 60
+"""
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+from pathlib import Path
+
+from nanoseek.cli import build_parser
+from nanoseek.pretrain import measured_peak_flops, train
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+NANOGPT_SECONDS = 167.8
+NANOGPT_BPC = 1.8857 / math.log(2)  # 2.720 bits per character
+
+# our best CPU configuration for Tiny Shakespeare (1 MB: a small vocabulary and a small model)
+P1_ARGS = ["--preset", "cpu", "--vocab-size", "1024", "--seq-len", "128", "--batch-size", "32",
+           "--set", "num_nextn_predict_layers=0", "--set", "num_hidden_layers=4",
+           "--lr", "3e-3", "--muon-lr", "0.02", "--schedule", "wsd", "--decay", "0.4"]
+
+
+def run(run_dir: Path, *args: str):
+    parsed = build_parser().parse_args(["pretrain", "--run", str(run_dir), "--save-every", "0", *args])
+    _, summary = train(parsed)
+    metrics = [json.loads(x) for x in (run_dir / "base" / "metrics.jsonl").read_text().splitlines()]
+    return summary, metrics
+
+
+def first_time_below(evals: list[dict], key: str, target: float) -> float | None:
+    """Training time at which `key` first reaches target, interpolated linearly between evaluations."""
+    prev = None
+    for e in evals:
+        if e[key] <= target:
+            if prev is None:
+                return e["time"]
+            f = (prev[key] - target) / (prev[key] - e[key])
+            return prev["time"] + f * (e["time"] - prev["time"])
+        prev = e
+    return None
+
+
+def p1(work: Path, seconds: float, race_seconds: float) -> dict:
+    data = ["--data", str(SHAKESPEARE)]
+    # the full nanoGPT time: bits per character at 167.8 s
+    full, _ = run(work / "p1_full", *data, *P1_ARGS, "--time-budget", str(seconds), "--eval-every", "0")
+    # a short run with its own schedule: when does it cross 2.720 bits per character?
+    race, _ = run(work / "p1_race", *data, *P1_ARGS, "--time-budget", str(race_seconds), "--eval-every", "5")
+    t = first_time_below(race["evals"], "val_bpc", NANOGPT_BPC)
+    return {"p1_seconds_to_nanogpt_loss": round(t, 2) if t else None,
+            "p1_race_budget_seconds": race_seconds,
+            "p1_race_final_bpc": round(race["val_bpc"], 4),
+            "p1_bits_per_char_at_nanogpt_time": round(full["val_bpc"], 4),
+            "p1_improvement_bits_per_char": round(NANOGPT_BPC - full["val_bpc"], 4),
+            "p1_seconds": round(full["train_time"], 1)}
+
+
+def p2(work: Path, seconds: float) -> dict:
+    out = {"p2_seconds": seconds}
+    common = ["--seq-len", "128", "--batch-size", "32", "--time-budget", str(seconds), "--eval-every", "0"]
+    for name in ("dense", "cpu"):  # the same tokenizer and shards for both (made by the first run)
+        summary, metrics = run(work / "p2", "--preset", name, *common)
+        key = "deepseek" if name == "cpu" else name
+        out[f"p2_bpb_{key}"] = round(summary["val_bpb"], 4)
+        out[f"p2_steps_{key}"] = summary["step"]
+        out[f"p2_tokens_per_s_{key}"] = round(summary["tokens"] / summary["train_time"])
+        mfu = [m["mfu"] for m in metrics if "mfu" in m][1:]  # the first window includes warm-up
+        out[f"p3_mfu_{key}"] = round(statistics.median(mfu), 4) if mfu else None
+        (work / "p2" / "base").rename(work / f"p2_{name}")
+    out["p2_deepseek_gain"] = round(1 - out["p2_bpb_deepseek"] / out["p2_bpb_dense"], 4)
+    out["p3_flops_utilisation_bf16"] = out["p3_mfu_deepseek"]
+    out["p3_peak_bf16_tflops"] = round(measured_peak_flops("cpu", "bf16") / 1e12, 3)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["p1", "p2"])
+    ap.add_argument("--p1-seconds", type=float, default=NANOGPT_SECONDS)
+    ap.add_argument("--p1-race-seconds", type=float, default=40.0)
+    ap.add_argument("--p2-seconds", type=float, default=240.0)
+    ap.add_argument("--work", help="directory for the runs (default: a temporary one)")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="nanoseek-bench-"))
+    result = {}
+    if args.only in (None, "p1"):
+        result.update(p1(work, args.p1_seconds, args.p1_race_seconds))
+    if args.only in (None, "p2"):
+        result.update(p2(work, args.p2_seconds))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
