@@ -14,6 +14,8 @@ VERBS = {
     "info": ("nanoseek.cli", "show a preset's or a checkpoint's config, parameters and FLOPs per token"),
     "export": ("nanoseek.cli", "write a transformers DeepseekV3ForCausalLM directory"),
     "import": ("nanoseek.cli", "read a transformers DeepseekV3 directory into a nanoseek checkpoint"),
+    "generate": ("nanoseek.chat", "complete one prompt (streamed text, or --json with tokens and log-probs)"),
+    "chat": ("nanoseek.chat", "chat with a model in the terminal (streaming, /system, /reset, /exit)"),
 }
 
 
@@ -121,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
             add, run = LOCAL[verb]
         else:
             mod = importlib.import_module(module)
-            add, run = mod.add_arguments, mod.run
+            # a module holding several verbs names them add_<verb>_arguments / run_<verb>
+            add = getattr(mod, f"add_{verb}_arguments", None) or mod.add_arguments
+            run = getattr(mod, f"run_{verb}", None) or mod.run
         add(p)
         p.set_defaults(_run=run)
     return parser

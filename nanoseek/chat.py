@@ -1,0 +1,228 @@
+"""`nanoseek generate` (one prompt -> text) and `nanoseek chat` (a streaming REPL), on top of the engine.
+
+    nanoseek generate runs/demo "The king said" --max-new-tokens 64 --json
+    nanoseek chat runs/demo --system "You are nanoseek."
+
+Both load a run directory (its newest stage), a checkpoint directory or an exported transformers directory.
+Context overflow: `generate` refuses a prompt that does not fit (one-line error); `chat` drops the oldest
+exchanges of the conversation until it fits, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+from nanoseek.errors import UserError
+
+DIM, RESET = "\033[2m", "\033[0m"
+THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
+
+
+def _common_arguments(p, max_new_tokens: int) -> None:
+    p.add_argument("path", help="run directory, checkpoint directory or exported transformers directory")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=50, help="0 disables it (default: 50)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1, off)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--seed", type=int, help="makes sampling reproducible")
+    g.add_argument("--speculative", action="store_true",
+                   help="MTP self-speculative decoding (same output distribution, fewer main-model forwards)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _load(args):
+    from nanoseek import load
+    from nanoseek.cli import pick_device
+    from nanoseek.engine import Engine
+
+    model, tokenizer = load(args.path, pick_device(args.device))
+    if tokenizer is None:
+        raise UserError(f"{args.path} has no tokenizer.json; generate and chat need one next to the model")
+    return Engine(model, max_batch=1, speculative=args.speculative), tokenizer
+
+
+def _params(args, stop_token_ids, stop_check=None):
+    from nanoseek.engine import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, stop_token_ids=stop_token_ids,
+                          stop_check=stop_check)
+
+
+class TextStream:
+    """Token ids in, new text out: decodes everything so far and returns what was not shown yet. Holds back
+    an incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives) and, with stop strings,
+    the characters that could still be the start of one; the text ends before the first stop string."""
+
+    def __init__(self, tokenizer, stops: list[str] = ()):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.hold = max(map(len, stops), default=1) - 1
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def text(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        return text[: min((text.index(s) for s in self.stops if s in text), default=len(text))]
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""
+        text = self.text()
+        return self.finish() if len(text) < len(full) else self._take(text[: len(text) - self.hold])
+
+    def finish(self) -> str:
+        """All the text not shown yet."""
+        return self._take(self.text())
+
+    def _take(self, text: str) -> str:
+        new = text[self.shown:]
+        self.shown = max(self.shown, len(text))
+        return new
+
+
+# --- generate ---------------------------------------------------------------------------------------------
+
+def add_generate_arguments(p) -> None:
+    _common_arguments(p, max_new_tokens=128)
+    p.add_argument("prompt", nargs="?", help="the prompt text (default: read stdin)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the output contains TEXT (repeatable; TEXT is not part of the output)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def run_generate(args) -> None:
+    prompt = sys.stdin.read() if args.prompt is None else args.prompt
+    if not prompt.strip():
+        raise UserError("empty prompt: give some text (as an argument or on stdin)")
+    if any(not s for s in args.stop):
+        raise UserError("--stop needs a non-empty text")
+    engine, tokenizer = _load(args)
+    stop_ids = [tokenizer.eos_id]
+    if args.chat:
+        ids, _ = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        stop_ids = _turn_end_ids(tokenizer)
+    else:
+        ids = tokenizer.encode(prompt, bos=True)
+    stops = args.stop
+
+    def stop_check(generated: list[int]) -> bool:
+        return any(s in tokenizer.decode(generated) for s in stops)
+
+    params = _params(args, stop_ids, stop_check if stops else None)
+    stream = TextStream(tokenizer, stops)
+    t0 = time.perf_counter()
+    tokens, logprobs, reason = [], [], None
+    for ev in engine.stream(ids, params):
+        tokens.append(ev.token)
+        logprobs.append(ev.logprob)
+        reason = ev.finish_reason
+        if ev.token in stop_ids:
+            continue
+        piece = stream.add(ev.token)
+        if piece and not args.json:
+            print(piece, end="", flush=True)
+    seconds = time.perf_counter() - t0
+    text = stream.text()
+    if args.json:
+        out = {"prompt": prompt, "text": text, "tokens": tokens, "logprobs": [round(x, 5) for x in logprobs],
+               "finish_reason": reason, "prompt_tokens": len(ids), "completion_tokens": len(tokens),
+               "seconds": round(seconds, 4), "tokens_per_s": round(len(tokens) / seconds, 1)}
+        if args.speculative:
+            out["mtp_acceptance"] = round(engine.stats["accepted"] / max(engine.stats["drafted"], 1), 4)
+        print(json.dumps(out))
+    else:
+        print(stream.finish(), flush=True)
+
+
+# --- chat -------------------------------------------------------------------------------------------------
+
+HELP = "commands: /system TEXT (set the system prompt, start over), /reset (start over), /exit"
+
+
+def _turn_end_ids(tokenizer) -> list[int]:
+    """The assistant's turn ends with <|eos|>; an undertrained model may instead start the next turn itself."""
+    from nanoseek.tokenizer import SYSTEM, USER
+
+    return [tokenizer.eos_id, tokenizer.special[USER], tokenizer.special[SYSTEM]]
+
+
+def add_chat_arguments(p) -> None:
+    _common_arguments(p, max_new_tokens=256)
+    p.add_argument("--system", help="system prompt")
+
+
+def run_chat(args) -> None:
+    from nanoseek.tokenizer import END_THINK, THINK
+
+    engine, tokenizer = _load(args)
+    interactive = sys.stdin.isatty()
+    color = sys.stdout.isatty()
+    system, history = args.system, []
+    stop_ids = _turn_end_ids(tokenizer)
+    params = _params(args, stop_ids)
+    if interactive:
+        print(f"nanoseek chat ({args.path}); {HELP}")
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        command, _, rest = line.strip().partition(" ")
+        if command == "/reset":
+            history = []
+            print("(conversation reset)")
+            continue
+        if command == "/system":
+            system, history = rest.strip() or None, []
+            print("(system prompt set, conversation reset)" if system else "(system prompt cleared)")
+            continue
+        if command.startswith("/"):
+            print(HELP)
+            continue
+        history.append({"role": "user", "content": line})
+        ids, dropped = _fit(tokenizer, system, history, engine.max_len)
+        if ids is None:
+            history.pop()
+            print(f"error: that message alone does not fit the context of {engine.max_len} tokens",
+                  file=sys.stderr)
+            continue
+        if dropped:
+            del history[:dropped]
+            print(f"(dropped the {dropped // 2} oldest exchange(s) to fit the context of {engine.max_len} tokens)")
+        stream, events = TextStream(tokenizer), engine.stream(ids, params)
+        try:
+            for ev in events:
+                if ev.token in stop_ids:
+                    continue
+                piece = stream.add(ev.token)
+                if color:  # the reasoning is shown dimmed
+                    piece = piece.replace(THINK, DIM + THINK).replace(END_THINK, END_THINK + RESET)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # stop this reply (closing the stream frees its slot), keep the conversation
+            events.close()
+            print(" [interrupted]", end="")
+        print(RESET if color else "", flush=True)
+        # DeepSeek-R1's practice: earlier turns keep the answer, not the reasoning
+        history.append({"role": "assistant", "content": THINK_BLOCK.sub("", stream.text()).strip()})
+
+
+def _fit(tokenizer, system, history, max_len):
+    """Render the conversation for generation, dropping the oldest exchanges (user + assistant) until it
+    leaves room for at least one new token: (ids or None if even the last message is too long, dropped)."""
+    head = [{"role": "system", "content": system}] if system else []
+    for dropped in range(0, len(history), 2):
+        ids, _ = tokenizer.render_chat(head + history[dropped:], add_generation_prompt=True)
+        if len(ids) < max_len:
+            return ids, dropped
+    return None, 0

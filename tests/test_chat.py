@@ -1,0 +1,150 @@
+"""`nanoseek generate` and `nanoseek chat` on a tiny model saved in tmp_path with a tokenizer trained here."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import corpus_text
+
+from nanoseek.chat import THINK_BLOCK
+from nanoseek.checkpoint import save_model
+from nanoseek.cli import main
+from nanoseek.config import preset
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model import NanoSeek
+from nanoseek.tokenizer import SYSTEM, USER, train_tokenizer
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = train_tokenizer(iter([corpus_text()]), vocab_size=512)
+    model = NanoSeek(preset("tiny", vocab_size=512)).eval()
+    d = tmp_path_factory.mktemp("run")
+    save_model(model, d / "base")
+    tok.save(d / "tokenizer")
+    return d, model, tok
+
+
+def greedy(model, ids, stop_ids):
+    out = Engine(model).generate([ids], SamplingParams(temperature=0, max_new_tokens=MAX_NEW,
+                                                       stop_token_ids=stop_ids))[0]
+    return [t for t in out.tokens if t not in stop_ids]
+
+
+def generate(capsys, *args):
+    code = main(["generate", *map(str, args), "--temperature", "0", "--max-new-tokens", str(MAX_NEW)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+def test_generate_json_is_greedy_decoding(run_dir, capsys):
+    d, model, tok = run_dir
+    res = json.loads(generate(capsys, d, "The king said", "--json").strip().splitlines()[-1])
+    ids = tok.encode("The king said", bos=True)
+    expected = greedy(model, ids, [tok.eos_id])
+    assert [t for t in res["tokens"] if t != tok.eos_id] == expected
+    assert res["text"] == tok.decode(expected) and res["prompt_tokens"] == len(ids)
+    assert res["finish_reason"] in ("stop", "length") and len(res["logprobs"]) == len(res["tokens"])
+    assert all(lp <= 0 for lp in res["logprobs"])
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template(run_dir, capsys):
+    d, model, tok = run_dir
+    res = json.loads(generate(capsys, d, "who are you", "--json", "--chat"))
+    ids, _ = tok.render_chat([{"role": "user", "content": "who are you"}], add_generation_prompt=True)
+    stop = [tok.eos_id, tok.special[USER], tok.special[SYSTEM]]
+    assert res["prompt_tokens"] == len(ids) and res["text"] == tok.decode(greedy(model, ids, stop))
+
+
+def test_streamed_text_and_stop_strings(run_dir, capsys):
+    d, _, _ = run_dir
+    full = json.loads(generate(capsys, d, "Good night", "--json"))["text"]
+    assert generate(capsys, d, "Good night") == full + "\n"  # streaming prints exactly the same text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), full  # the random model must have produced some text
+    res = json.loads(generate(capsys, d, "Good night", "--json", "--stop", stop))
+    assert res["text"] == full[: full.index(stop)] and res["finish_reason"] == "stop"
+    # streaming holds back what could still become the stop string, so it never shows any of it
+    assert generate(capsys, d, "Good night", "--stop", stop) == full[: full.index(stop)] + "\n"
+
+
+def test_generate_from_an_exported_transformers_directory(run_dir, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from nanoseek.hf import export
+
+    d, model, _ = run_dir
+    export(model, tmp_path / "hf", d / "tokenizer")
+    a = json.loads(generate(capsys, d, "Speak", "--json", "--speculative"))
+    b = json.loads(generate(capsys, tmp_path / "hf", "Speak", "--json"))
+    assert a["tokens"] == b["tokens"] and "mtp_acceptance" in a
+
+
+def test_chat_commands_and_history(run_dir, capsys, monkeypatch):
+    d, model, tok = run_dir
+    lines = ["hello there", "/system Be brief.", "who are you", "and then?", "/reset", "who are you", "/exit",
+             "never read"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", str(d), "--temperature", "0", "--max-new-tokens", str(MAX_NEW)]) == 0
+    out = capsys.readouterr().out
+    stop = [tok.eos_id, tok.special[USER], tok.special[SYSTEM]]
+
+    def reply(messages):
+        return tok.decode(greedy(model, tok.render_chat(messages, add_generation_prompt=True)[0], stop))
+
+    sys_msg = {"role": "system", "content": "Be brief."}
+    r1 = reply([{"role": "user", "content": "hello there"}])
+    r2 = reply([sys_msg, {"role": "user", "content": "who are you"}])
+    r3 = reply([sys_msg, {"role": "user", "content": "who are you"},
+                {"role": "assistant", "content": THINK_BLOCK.sub("", r2).strip()},
+                {"role": "user", "content": "and then?"}])
+    assert out == (f"{r1}\n(system prompt set, conversation reset)\n{r2}\n{r3}\n(conversation reset)\n{r2}\n")
+
+
+def test_chat_drops_old_exchanges_when_the_context_is_full(run_dir, capsys, monkeypatch):
+    d, _, _ = run_dir
+    long = " ".join(["the king said good night"] * 15)  # 76 tokens: 4 of them overflow the context of 256
+    huge = " ".join(["the king said good night"] * 60)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long}\n" * 4 + f"{huge}\nhi\n"))
+    assert main(["chat", str(d), "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "(dropped the 1 oldest exchange(s) to fit the context of 256 tokens)" in out
+    assert err.strip() == "error: that message alone does not fit the context of 256 tokens"
+
+
+def one_line_error(capsys, *args):
+    assert main(list(map(str, args))) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"nanoseek {args[0]}: error:"), err
+    return err
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--temperature", "-1"], "temperature"), (["--top-p", "2"], "top_p"), (["--top-k", "-3"], "top_k"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+])
+def test_invalid_sampling_flags_are_one_line_errors(run_dir, capsys, flags, match):
+    assert match in one_line_error(capsys, "generate", run_dir[0], "hi", *flags)
+
+
+def test_overlong_prompt_and_mismatched_tokenizer_are_one_line_errors(run_dir, tmp_path, capsys):
+    d, _, tok = run_dir
+    assert "does not fit the context of 256" in one_line_error(capsys, "generate", d, "the king " * 200)
+    save_model(NanoSeek(preset("tiny", vocab_size=300)), tmp_path / "small")
+    tok.save(tmp_path / "small")
+    assert "do not belong together" in one_line_error(capsys, "chat", tmp_path / "small")
+    save_model(NanoSeek(preset("tiny")), tmp_path / "bare")
+    assert "no tokenizer" in one_line_error(capsys, "generate", tmp_path / "bare", "hi")
+
+
+def test_empty_prompt_is_one_line_without_traceback(run_dir):
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "generate", str(run_dir[0]), " "],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "nanoseek generate: error: empty prompt: give some text (as an argument or on stdin)"

@@ -1,0 +1,321 @@
+"""The inference engine: every fast path against its reference (cached == full forward, absorbed == naive ==
+fast, batched == one by one, continuous batching == isolated runs, speculative == greedy), sampling,
+stopping, log-probs and bad input."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanoseek.config import preset
+from nanoseek.engine import Engine, KVCache, SamplingParams
+from nanoseek.errors import UserError
+from nanoseek.model import NanoSeek
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
+
+
+def random_model(**overrides):
+    model = NanoSeek(preset("tiny", **overrides)).eval()
+    with torch.no_grad():  # non-trivial norms, so that a mix-up of norm weights shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model whose MTP module is good but lags behind its main model, so that speculative decoding
+    both accepts and rejects drafts, sometimes within one batch: both learn a successor permutation, then the
+    main model alone learns that a quarter of the tokens have a different successor."""
+    torch.manual_seed(0)
+    V = 64
+    model = NanoSeek(preset("tiny", vocab_size=V, max_position_embeddings=128, mtp_loss_weight=1.0)).train()
+    perm, perm2 = torch.randperm(V), torch.randperm(V)
+    changed = torch.where(torch.arange(V) < V // 4, perm2, perm)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(60):
+        if step == 40:
+            model.config.mtp_loss_weight = 0.0
+        successor = perm if step < 40 else changed
+        x = torch.empty(16, 33, dtype=torch.long)
+        x[:, 0] = torch.randint(0, V, (16,))
+        for i in range(1, 33):
+            x[:, i] = successor[x[:, i - 1]]
+        loss = model(x[:, :-1], x[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_expert_bias()
+    return model.eval()
+
+
+def greedy_reference(model, prompt, n):
+    """Plain greedy decoding with full forwards, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def cached_logits(engine, ids, split):
+    """Prefill ids[:split] in one forward, then feed the rest one token at a time through the cache."""
+    cache, fwd = engine.cache, engine.forward
+    slot = cache.allocate()
+    out, start = [], 0
+    with torch.no_grad():
+        for stop in [split, *range(split + 1, ids.shape[1] + 1)]:
+            positions = cache.begin([slot], stop - start)
+            out.append(fwd.logits(fwd.hidden(ids[:, start:stop], positions, cache)))
+            cache.advance([slot], [stop - start])
+            start = stop
+    cache.free(slot)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("q_lora", [32, None])
+def test_cached_decoding_matches_full_forward_for_every_impl(q_lora):
+    model = random_model(q_lora_rank=q_lora)
+    ids = torch.randint(0, 512, (1, 24))
+    with torch.no_grad():
+        full = model(ids)
+    results = {impl: cached_logits(Engine(model, impl=impl), ids, split=10) for impl in ("naive", "absorbed", "fast")}
+    for impl, logits in results.items():
+        torch.testing.assert_close(logits, full, atol=2e-5, rtol=1e-4, msg=impl)
+    torch.testing.assert_close(results["absorbed"], results["naive"], atol=2e-5, rtol=1e-4)
+
+
+def test_mla_cache_holds_only_the_latent_and_rope_key():
+    cpu = preset("cpu")
+    mla = KVCache(cpu, range(1), max_batch=1, max_len=4)
+    mha = KVCache(cpu.replace(attention_type="mha"), range(1), max_batch=1, max_len=4)  # same head dims
+    assert mla.bytes_per_token_per_layer == (cpu.kv_lora_rank + cpu.qk_rope_head_dim) * 4
+    assert mha.bytes_per_token_per_layer == cpu.num_attention_heads * (cpu.qk_head_dim + cpu.v_head_dim) * 4
+    assert mha.bytes_per_token_per_layer / mla.bytes_per_token_per_layer >= 8
+
+
+def test_bf16_cache_is_half_the_size_and_close(model):
+    ids = torch.randint(0, 512, (1, 20))
+    e32, e16 = Engine(model), Engine(model, cache_dtype=torch.bfloat16)
+    assert e16.cache.bytes_per_token_per_layer * 2 == e32.cache.bytes_per_token_per_layer
+    a, b = cached_logits(e32, ids, 8), cached_logits(e16, ids, 8)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+def test_bf16_fast_weights_stay_close(model):
+    ids = torch.randint(0, 512, (1, 20))
+    a, b = cached_logits(Engine(model), ids, 8), cached_logits(Engine(model, dtype=torch.bfloat16), ids, 8)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("impl", ["fast", "absorbed", "naive"])
+def test_a_bf16_model_generates_with_every_impl(model, impl):
+    m16 = random_model().to(torch.bfloat16)
+    out = Engine(m16, impl=impl, speculative=True).generate([[1, 2, 3]], GREEDY)[0]
+    assert len(out.tokens) == 12 and all(-30 < lp <= 0 for lp in out.logprobs)
+
+
+def test_dense_mha_baseline_decodes_like_full_forward():
+    model = NanoSeek(preset("dense", vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128, max_position_embeddings=64)).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    out = Engine(model, max_batch=2).generate(prompts, GREEDY)
+    assert [o.tokens for o in out] == [greedy_reference(model, p, 12) for p in prompts]
+
+
+@pytest.mark.parametrize("impl", ["fast", "naive"])
+def test_batched_prompts_of_different_lengths_equal_one_by_one(model, impl):
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (7, 1, 19, 4, 11)]
+    sampled = SamplingParams(temperature=1.0, top_k=40, seed=3, max_new_tokens=12)
+    params = [GREEDY, sampled, GREEDY, sampled, GREEDY]
+    # max_batch 3 < 5 prompts: the last ones wait for free slots; a prefill budget of 40 tokens splits the
+    # admissions too (7 and 1 first: 3 x 19 padded tokens would exceed it)
+    batched = Engine(model, max_batch=3, impl=impl, max_prefill_tokens=40).generate(prompts, params)
+    alone = [Engine(model, max_batch=1, impl=impl).generate([p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert [o.tokens for o in batched] == [o.tokens for o in alone]
+    for o, p in zip(batched[::2], prompts[::2]):
+        assert o.tokens == greedy_reference(model, p, 12)
+    for a, b in zip(batched, alone):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+def test_logprobs_are_log_softmax_of_full_forward_logits(model):
+    prompt = [5, 9, 200, 3]
+    out = Engine(model).generate([prompt], SamplingParams(temperature=1.0, seed=0, max_new_tokens=10))[0]
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + out.tokens])).log_softmax(-1)[0, len(prompt) - 1: -1]
+    expected = logp.gather(1, torch.tensor(out.tokens)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected, atol=1e-5, rtol=0)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(model):
+    prompt = [1, 2, 3, 4]
+
+    def sample(seed, others=0):
+        e = Engine(model, max_batch=4)
+        extra = [[7] * 5, [9, 8]][:others]
+        params = [SamplingParams(temperature=1.2, top_p=0.95, seed=seed, max_new_tokens=16)]
+        params += [SamplingParams(temperature=1.0, seed=99 + i) for i in range(others)]
+        return e.generate([prompt, *extra], params)[0].tokens
+
+    assert sample(1) == sample(1)
+    assert sample(1) == sample(1, others=2)  # the same tokens whatever else shares the batch
+    assert sample(1) != sample(2)
+
+
+def test_top_k_and_top_p_restrict_the_choices(model):
+    prompt = [3, 1, 4, 1, 5]
+    with torch.no_grad():
+        top = model(torch.tensor([prompt]))[0, -1].topk(3).indices.tolist()
+    firsts = {Engine(model).generate([prompt], SamplingParams(temperature=5.0, top_k=3, seed=s,
+                                                             max_new_tokens=1))[0].tokens[0] for s in range(30)}
+    assert firsts <= set(top) and len(firsts) > 1
+    nucleus = {Engine(model).generate([prompt], SamplingParams(temperature=1.0, top_p=1e-6, seed=s,
+                                                              max_new_tokens=1))[0].tokens[0] for s in range(5)}
+    assert nucleus == {top[0]}  # a tiny nucleus is the single most likely token
+
+
+def test_continuous_batching_joins_and_leaves_like_isolated_runs(model):
+    prompts = {"a": [1, 2, 3], "b": [10, 11, 12, 13, 14, 15], "c": [20, 21], "d": [30, 31, 32, 33]}
+    params = {"a": SamplingParams(temperature=0, max_new_tokens=14),
+              "b": SamplingParams(temperature=0, max_new_tokens=3),
+              "c": SamplingParams(temperature=0.9, seed=5, max_new_tokens=6),
+              "d": SamplingParams(temperature=0, max_new_tokens=5)}
+    e = Engine(model, max_batch=2)
+    rid, got, finished_at, step = {}, {}, {}, 0
+    rid["a"] = e.add_request(prompts["a"], params["a"])
+    names = {}
+    while e.has_work() or len(rid) < 4:
+        if step == 2:  # b joins a running batch; c and d arrive while both slots are taken
+            for k in "bcd":
+                rid[k] = e.add_request(prompts[k], params[k])
+            names = {v: k for k, v in rid.items()}
+        for ev in e.step():
+            k = names.get(ev.request_id, "a")
+            got.setdefault(k, []).append(ev.token)
+            if ev.finish_reason:
+                finished_at[k] = step
+        assert len(e.running) <= 2
+        step += 1
+    for k in prompts:
+        assert got[k] == Engine(model, max_batch=1).generate([prompts[k]], params[k])[0].tokens, k
+    assert finished_at["b"] < finished_at["c"]  # c only got a slot when b left
+    assert sorted(e.cache.free_slots) == [0, 1] and e.cache.lengths == [0, 0] and not e.sequences
+
+
+def test_abort_frees_the_slot(model):
+    e = Engine(model, max_batch=1)
+    r = e.add_request([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=50))
+    e.step()
+    e.step()
+    assert e.cache.free_slots == [] and e.cache.lengths[0] == 4
+    e.abort(r)
+    assert e.cache.free_slots == [0] and not e.has_work()
+    assert e.generate([[4, 5]], GREEDY)[0].tokens == greedy_reference(model, [4, 5], 12)
+
+
+def test_stop_tokens_stop_checks_and_lengths(model):
+    prompt = [8, 6, 7, 5, 3, 0, 9]
+    ref = greedy_reference(model, prompt, 12)
+    stop_at = next(i for i in range(2, 12) if ref[i] not in ref[:i])  # a token's first occurrence
+    e = Engine(model, max_len=20)
+    out = e.generate([prompt], SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[ref[stop_at]]))[0]
+    assert out.tokens == ref[: stop_at + 1] and out.finish_reason == "stop"  # the stop token is emitted
+    out = e.generate([prompt], SamplingParams(temperature=0, stop_check=lambda ids: len(ids) == 5))[0]
+    assert out.tokens == ref[:5] and out.finish_reason == "stop"
+    out = e.generate([prompt], SamplingParams(temperature=0, max_new_tokens=4))[0]
+    assert out.tokens == ref[:4] and out.finish_reason == "length"
+    out = e.generate([prompt * 2], SamplingParams(temperature=0, max_new_tokens=100))[0]
+    assert len(out.tokens) == 20 - 14 and out.finish_reason == "length"  # the context is full
+
+
+def test_fast_weights_follow_a_trained_model(model):
+    m = random_model()
+    e = Engine(m)
+    e.generate([[1, 2]], GREEDY)
+    with torch.no_grad():  # what an optimizer step does: in-place updates
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert e.generate([[1, 2]], GREEDY)[0].tokens == greedy_reference(m, [1, 2], 12)
+
+
+@pytest.mark.parametrize("impl", ["fast", "naive"])
+def test_speculative_greedy_equals_plain_greedy(trained, impl):
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9], [3, 3]]
+    params = SamplingParams(temperature=0, max_new_tokens=40)
+    plain = Engine(trained, max_batch=3, impl=impl).generate(prompts, params)
+    spec_engine = Engine(trained, max_batch=3, impl=impl, speculative=True)
+    spec = spec_engine.generate(prompts, params)
+    assert [o.tokens for o in spec] == [o.tokens for o in plain]
+    for a, b in zip(spec, plain):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    s = spec_engine.stats
+    assert 0 < s["accepted"] < s["drafted"], s  # both branches ran
+
+
+def test_speculative_mtp_cache_matches_the_training_forward(trained):
+    e = Engine(trained, speculative=True)
+    prompt = [7, 8, 9, 10]
+    out = e.generate([prompt], SamplingParams(temperature=0, max_new_tokens=20))[0]
+    ids = torch.tensor([prompt + out.tokens])
+    k = ids.shape[1] - 3  # MTP positions certainly filled by the end
+    ref = KVCache(trained.config, e.mtp_cache.layers, 1, 128)
+    with torch.no_grad():  # module 0 at position i sees the main model's h_i and token i+1
+        h = trained.hidden(ids[:, :k])
+        trained.mtp_hidden(0, h, ids[:, 1: k + 1], ref.begin([0], k), ref)
+    torch.testing.assert_close(e.mtp_cache.buffers[0][0][0, :k], ref.buffers[0][0][0, :k], atol=1e-5, rtol=1e-4)
+
+
+def test_speculative_sampling_with_top_k_1_equals_greedy(trained):
+    prompts = [[2, 4, 6], [11]]
+    one = SamplingParams(temperature=0.7, top_k=1, seed=0, max_new_tokens=30)
+    spec = Engine(trained, max_batch=2, speculative=True).generate(prompts, one)
+    assert [o.tokens for o in spec] == [greedy_reference(trained, p, 30) for p in prompts]
+
+
+def test_speculative_sampling_keeps_the_target_distribution(model):
+    """Accept d ~ q with probability min(1, p/q), else resample from max(p - q, 0): the token is ~ p."""
+    e = Engine(model, speculative=True)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0] * 4])
+    p = logits[0].softmax(-1)
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    seq = SimpleNamespace(params=SamplingParams(temperature=1.0), generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        d = int(torch.multinomial(q, 1, generator=seq.generator))
+        ok, first, _ = e._verify_sampled(seq, d, q, logits)
+        counts[d if ok else first] += 1
+    assert (counts / counts.sum() - p).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+])
+def test_invalid_sampling_parameters_are_user_errors(kwargs, field):
+    with pytest.raises(UserError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_and_engine_settings_are_user_errors(model):
+    e = Engine(model, max_len=16)
+    with pytest.raises(UserError, match="empty prompt"):
+        e.add_request([])
+    with pytest.raises(UserError, match="does not fit the context of 16"):
+        e.add_request(list(range(16)))
+    with pytest.raises(UserError, match="0..511"):
+        e.add_request([1, 512])
+    with pytest.raises(UserError, match="max_len"):
+        Engine(model, max_len=10_000)
+    with pytest.raises(UserError, match="MTP"):
+        Engine(random_model(num_nextn_predict_layers=0), speculative=True)
+    assert not e.has_work()
