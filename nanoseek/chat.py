@@ -150,7 +150,7 @@ def _turn_end_ids(tokenizer) -> list[int]:
     """The assistant's turn ends with <|eos|>; an undertrained model may instead start the next turn itself."""
     from nanoseek.tokenizer import SYSTEM, USER
 
-    return [tokenizer.eos_id, tokenizer.special[USER], tokenizer.special[SYSTEM]]
+    return [tokenizer.eos_id] + [tokenizer.special[t] for t in (USER, SYSTEM) if t in tokenizer.special]
 
 
 def add_chat_arguments(p) -> None:

@@ -16,6 +16,7 @@ VERBS = {
     "import": ("nanoseek.cli", "read a transformers DeepseekV3 directory into a nanoseek checkpoint"),
     "generate": ("nanoseek.chat", "complete one prompt (streamed text, or --json with tokens and log-probs)"),
     "chat": ("nanoseek.chat", "chat with a model in the terminal (streaming, /system, /reset, /exit)"),
+    "serve": ("nanoseek.server", "OpenAI-compatible HTTP server with continuous batching, and a web chat page"),
 }
 
 

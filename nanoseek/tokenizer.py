@@ -35,14 +35,28 @@ CHAT_TEMPLATE = (
 
 
 class Tokenizer:
-    def __init__(self, tk):
+    """nanoseek's own tokenizer (all SPECIAL_TOKENS present: chat rendered in code, with a loss mask), or a
+    foreign one from a transformers directory: BOS/EOS named in its tokenizer_config.json and conversations
+    rendered by its own Jinja chat_template there (serving only: no loss mask)."""
+
+    def __init__(self, tk, config: dict | None = None):
         self.tk = tk
-        ids = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
-        missing = [t for t, i in ids.items() if i is None]
-        if missing:
-            raise UserError(f"tokenizer lacks the special token(s) {', '.join(missing)}")
-        self.special = ids
-        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
+        config = config or {}
+        found = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.special = {t: i for t, i in found.items() if i is not None}
+        self.native = len(self.special) == len(SPECIAL_TOKENS)
+        self.chat_template = None if self.native else config.get("chat_template")
+        if self.native:
+            self.bos_id, self.eos_id, self.pad_id = found[BOS], found[EOS], found[PAD]
+            return
+        self.bos_token, self.eos_token = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+        self.bos_id = tk.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_id = tk.token_to_id(self.eos_token) if self.eos_token else None
+        if self.eos_id is None:
+            missing = ", ".join(t for t in SPECIAL_TOKENS if t not in self.special)
+            raise UserError(f"tokenizer lacks the special token(s) {missing}, and its tokenizer_config.json "
+                            "names no eos_token that it knows")
+        self.pad_id = self.eos_id
 
     @property
     def vocab_size(self) -> int:
@@ -50,7 +64,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         ids = self.tk.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if bos else ids
+        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
@@ -60,6 +74,8 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and a loss mask (1 on assistant replies and their <|eos|>)."""
+        if not self.native:
+            return self._render_template(messages, add_generation_prompt)
         ids, mask = [self.bos_id], [0]
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
@@ -76,6 +92,26 @@ class Tokenizer:
             ids.append(self.special[ASSISTANT])
             mask.append(0)
         return ids, mask
+
+    def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+        if not self.chat_template:
+            raise UserError("this tokenizer has no chat_template in its tokenizer_config.json: "
+                            "chat needs one (plain completions work without)")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                eos_token=self.eos_token, raise_exception=raise_exception)
+        except TemplateError as e:
+            raise UserError(f"the chat template rejected the conversation: {e}") from None
+        ids = self.encode(text)
+        return ids, [0] * len(ids)
 
     def save(self, out_dir: str | Path) -> None:
         from nanoseek.checkpoint import atomic_write_text
@@ -99,12 +135,23 @@ class Tokenizer:
         f = p / "tokenizer.json" if p.is_dir() else p
         if not f.exists():
             raise UserError(f"no tokenizer at {p} (expected tokenizer.json)")
+        config = {}
+        if (f.parent / "tokenizer_config.json").exists():
+            try:
+                config = json.loads((f.parent / "tokenizer_config.json").read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read {f.parent / 'tokenizer_config.json'}: {e}") from None
         try:
-            return cls(HFTokenizer.from_file(str(f)))
+            return cls(HFTokenizer.from_file(str(f)), config)
         except Exception as e:  # tokenizers raises its own Exception type for malformed files
             if isinstance(e, UserError):
                 raise
             raise UserError(f"cannot read tokenizer {f}: {e}") from None
+
+
+def _token_text(token) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:

@@ -7,7 +7,7 @@ import pytest
 
 from nanoseek.cli import VERBS, build_parser, main
 
-EXPECTED_VERBS = ["tokenizer", "pretrain", "info", "export", "import", "generate", "chat"]
+EXPECTED_VERBS = ["tokenizer", "pretrain", "info", "export", "import", "generate", "chat", "serve"]
 
 
 def run(*args):

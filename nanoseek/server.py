@@ -1,0 +1,654 @@
+"""`nanoseek serve`: an OpenAI-compatible HTTP server and a web chat page over one continuously batched engine.
+
+    nanoseek serve runs/demo --port 8000 [--api-key KEY]
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "stream": true}'
+
+Threads: uvicorn's event loop answers HTTP; one engine thread (EngineLoop) owns the Engine and runs its step
+loop, so every running request shares one batch (continuous batching: requests join and leave between
+steps). Requests reach the engine thread through a queue; its events come back through each request's
+asyncio.Queue. A client that goes away (or a stream that is closed) aborts its sequences, which frees their
+cache slots at once. At most max_batch sequences run; up to max_queue more wait; beyond that: 429.
+
+The text between <think> and </think> is returned as `reasoning_content`, the rest as `content`, as
+DeepSeek's own API does. Errors are OpenAI error objects: {"error": {"message", "type", "param", "code"}}.
+"""
+
+import asyncio
+import hmac
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from nanoseek.chat import TextStream, _turn_end_ids
+from nanoseek.engine import Engine, Event, SamplingParams
+from nanoseek.errors import UserError
+from nanoseek.tokenizer import END_THINK, THINK
+
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+API_KEY_ENV = "NANOSEEK_API_KEY"
+
+
+class APIError(Exception):
+    """An error answered as an OpenAI error object."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+# --- the engine thread ---------------------------------------------------------------------------------------
+
+@dataclass
+class Handle:
+    """One HTTP request's sequences (n choices) in the engine: events arrive as (choice index, Event)."""
+
+    jobs: list[tuple[list[int], SamplingParams]]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    request_ids: dict[int, int] = field(default_factory=dict)  # engine request id -> choice index
+    done: int = 0
+
+
+class EngineLoop:
+    """Owns the engine in its own thread: adds and aborts requests between steps, steps while there is work,
+    and sleeps when there is none."""
+
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine, self.capacity = engine, engine.cache.max_batch + max_queue
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.handles: dict[int, Handle] = {}  # engine request id -> its handle
+        self.outstanding = 0  # sequences submitted and not finished or aborted (counted on the event loop)
+        self.stats = {"requests": 0, "completion_tokens": 0, "prompt_tokens": 0, "started": time.time()}
+        self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for tokens/s
+        self.running_batch = 0
+        self.waiting = 0
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
+        self.thread.start()
+
+    # called on the event loop
+    def submit(self, handle: Handle) -> None:
+        if self.outstanding + len(handle.jobs) > self.capacity:
+            raise APIError(429, f"the server is at capacity ({self.capacity} sequences running or queued); "
+                                "retry later", code="queue_full")
+        self.outstanding += len(handle.jobs)
+        self.stats["requests"] += 1
+        self.inbox.put(("add", handle))
+
+    def release(self, handle: Handle, finished: int) -> None:
+        """The request is over (finished, failed or its client left): abort what still runs."""
+        self.outstanding -= len(handle.jobs)
+        if finished < len(handle.jobs):
+            self.inbox.put(("abort", handle))
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.inbox.put(("stop", None))
+        self.thread.join(timeout=10)
+
+    # the engine thread
+    def _run(self) -> None:
+        while not self.stopped:
+            block = not self.engine.has_work()
+            try:
+                while True:
+                    self._command(*self.inbox.get(block=block, timeout=0.5 if block else None))
+                    block = False
+            except queue.Empty:
+                pass
+            self.running_batch, self.waiting = len(self.engine.running), len(self.engine.waiting)
+            if not self.engine.has_work():
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a bug, not bad input (that is rejected before it reaches the engine)
+                self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+                continue
+            self.running_batch, self.waiting = len(self.engine.running), len(self.engine.waiting)
+            now = time.time()
+            self.recent.append((now, len(events)))
+            while self.recent and now - self.recent[0][0] > 10:
+                self.recent.popleft()
+            for ev in events:
+                handle = self.handles.get(ev.request_id)
+                if handle is None:
+                    continue
+                if ev.finish_reason is not None:
+                    del self.handles[ev.request_id]
+                handle.loop.call_soon_threadsafe(handle.events.put_nowait, (handle.request_ids[ev.request_id], ev))
+        self._fail_all("the server is shutting down")
+
+    def _command(self, kind: str, handle: Handle | None) -> None:
+        if kind == "add":
+            for index, (prompt, params) in enumerate(handle.jobs):
+                try:
+                    rid = self.engine.add_request(prompt, params)
+                except UserError as e:  # checked before submission; kept as a safety net
+                    handle.loop.call_soon_threadsafe(handle.events.put_nowait, (index, e))
+                    continue
+                handle.request_ids[rid] = index
+                self.handles[rid] = handle
+        elif kind == "abort":
+            for rid in handle.request_ids:
+                if self.handles.pop(rid, None) is not None:
+                    self.engine.abort(rid)
+        elif kind == "stop":
+            self.stopped = True
+
+    def _fail_all(self, message: str) -> None:
+        for rid, handle in list(self.handles.items()):
+            self.engine.abort(rid)
+            handle.loop.call_soon_threadsafe(handle.events.put_nowait,
+                                             (handle.request_ids[rid], RuntimeError(message)))
+        self.handles.clear()
+
+    def tokens_per_s(self) -> float:
+        recent = list(self.recent)
+        if len(recent) < 2:
+            return 0.0
+        span = max(time.time() - recent[0][0], 1e-3)
+        return sum(n for _, n in recent) / span
+
+
+# --- text: reasoning split and streaming deltas ----------------------------------------------------------------
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning or None, content): a reply that opens with <think> keeps its reasoning up to </think>."""
+    stripped = text.lstrip()
+    if not stripped.startswith(THINK):
+        return None, text
+    reasoning, closed, content = stripped[len(THINK):].partition(END_THINK)
+    return reasoning.strip("\n"), content.lstrip() if closed else ""
+
+
+class ChoiceText:
+    """One choice's text as it streams: token ids in, (reasoning delta, content delta) out."""
+
+    def __init__(self, tokenizer, stops: list[str], stop_ids: list[int], reasoning: bool):
+        self.stream, self.stop_ids, self.reasoning = TextStream(tokenizer, stops), set(stop_ids), reasoning
+        self.sent_reasoning = self.sent_content = 0
+        self.tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, ev: Event) -> tuple[str, str]:
+        self.tokens += 1
+        if ev.finish_reason is not None:
+            self.finish_reason = ev.finish_reason
+        if ev.token not in self.stop_ids:
+            self.stream.add(ev.token)
+        return self._deltas(final=ev.finish_reason is not None)
+
+    def _deltas(self, final: bool) -> tuple[str, str]:
+        text = self.stream.text() if final else self.stream.text()[: self.stream.shown]
+        if not self.reasoning:
+            return "", self._take_content(text)
+        if not final:  # hold back what may be the start of a tag
+            for tag in (THINK, END_THINK):
+                for k in range(len(tag) - 1, 0, -1):
+                    if text.endswith(tag[:k]):
+                        text = text[:-k]
+                        break
+        if not final and not text.strip():  # leading blanks: wait to see whether <think> follows
+            return "", ""
+        reasoning, content = split_reasoning(text)
+        r = (reasoning or "")[self.sent_reasoning:]
+        self.sent_reasoning += len(r)
+        return r, self._take_content(content)
+
+    def _take_content(self, content: str) -> str:
+        new = content[self.sent_content:]
+        self.sent_content = max(self.sent_content, len(content))
+        return new
+
+    def full(self) -> tuple[str | None, str]:
+        text = self.stream.text()
+        return split_reasoning(text) if self.reasoning else (None, text)
+
+
+# --- request bodies -----------------------------------------------------------------------------------------------
+
+def _schemas():
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class StreamOptions(BaseModel):
+        include_usage: bool = False
+
+    class Sampling(BaseModel):
+        model_config = ConfigDict(extra="ignore")  # accept (and ignore) OpenAI fields we do not implement
+        model: str | None = None
+        n: int = Field(1, ge=1, le=16)
+        temperature: float = Field(1.0, ge=0, le=2)
+        top_p: float = Field(1.0, gt=0, le=1)
+        top_k: int = Field(0, ge=0)
+        max_tokens: int | None = Field(None, ge=1)
+        max_completion_tokens: int | None = Field(None, ge=1)
+        stop: str | list[str] | None = None
+        seed: int | None = None
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+
+    class Message(BaseModel):
+        role: Literal["system", "user", "assistant", "developer"]
+        content: str | list[dict] | None = None
+
+    class ChatRequest(Sampling):
+        messages: list[Message] = Field(min_length=1)
+
+    class CompletionRequest(Sampling):
+        prompt: str | list[str]
+
+    return ChatRequest, CompletionRequest
+
+
+def _message_text(content) -> str:
+    """A message's content: a string, or OpenAI's list of parts (text parts only)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, "only text content parts are supported", param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+# --- the app -------------------------------------------------------------------------------------------------------
+
+class Server:
+    """The state behind the HTTP app: model name, tokenizer, engine loop, limits."""
+
+    def __init__(self, model, tokenizer, name: str, api_key: str | None = None, max_batch: int = 16,
+                 max_queue: int = 256, max_body_bytes: int = 1 << 20, engine_kwargs: dict | None = None):
+        if tokenizer is None:
+            raise UserError("serving needs a tokenizer.json next to the model")
+        self.name, self.tokenizer, self.api_key, self.max_body_bytes = name, tokenizer, api_key, max_body_bytes
+        self.engine = Engine(model, max_batch=max_batch, **(engine_kwargs or {}))
+        self.loop = EngineLoop(self.engine, max_queue)
+        self.created = int(time.time())
+
+    def close(self) -> None:
+        self.loop.stop()
+
+    # request -> engine jobs
+    def _params(self, req, prompt_len: int, stop_ids: list[int], stops: list[str], index: int) -> SamplingParams:
+        room = self.engine.max_len - prompt_len
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is not None and max_tokens > room:
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{param}={max_tokens} is too large: the prompt has {prompt_len} tokens and the "
+                                f"context holds {self.engine.max_len}, so at most {room} can be generated",
+                           param=param, code="context_length_exceeded")
+        hold = max(map(len, stops), default=0) + 8
+        tokenizer = self.tokenizer
+
+        def stop_check(generated: list[int]) -> bool:  # decode only the tail that can hold a new stop string
+            tail = tokenizer.decode(generated[-hold:])
+            return any(s in tail for s in stops)
+
+        seed = None if req.seed is None else req.seed + index
+        return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                              max_new_tokens=max_tokens or room, stop_token_ids=stop_ids, seed=seed,
+                              stop_check=stop_check if stops else None)
+
+    def _check_prompt(self, ids: list[int], param: str) -> None:
+        if len(ids) >= self.engine.max_len:
+            raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds {self.engine.max_len} "
+                                "(prompt + completion); shorten it", param=param, code="context_length_exceeded")
+
+    def _stops(self, req) -> list[str]:
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
+        return stops
+
+    def _check_model(self, req) -> None:
+        if req.model not in (None, "", self.name):
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+    def chat_jobs(self, req):
+        self._check_model(req)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)}
+                    for m in req.messages]
+        try:
+            ids, _ = self.tokenizer.render_chat(messages, add_generation_prompt=True)
+        except UserError as e:
+            raise APIError(400, str(e), param="messages") from None
+        self._check_prompt(ids, "messages")
+        stops, stop_ids = self._stops(req), _turn_end_ids(self.tokenizer)
+        jobs = [(ids, self._params(req, len(ids), stop_ids, stops, i)) for i in range(req.n)]
+        return jobs, [len(ids)], stops, stop_ids
+
+    def completion_jobs(self, req):
+        self._check_model(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts or any(not p for p in prompts):
+            raise APIError(400, "prompt must be a non-empty string (or a list of them)", param="prompt")
+        stops, stop_ids = self._stops(req), [self.tokenizer.eos_id]
+        jobs, lens = [], []
+        for p in prompts:
+            ids = self.tokenizer.encode(p, bos=True)
+            self._check_prompt(ids, "prompt")
+            lens.append(len(ids))
+            jobs += [(ids, self._params(req, len(ids), stop_ids, stops, i)) for i in range(req.n)]
+        return jobs, lens, stops, stop_ids
+
+    def metrics(self) -> dict:
+        s = self.loop.stats
+        return {"requests_total": s["requests"], "prompt_tokens_total": s["prompt_tokens"],
+                "completion_tokens_total": s["completion_tokens"], "tokens_per_s": round(self.loop.tokens_per_s(), 2),
+                "running_batch": self.loop.running_batch, "queue_depth": self.loop.waiting,
+                "sequences_outstanding": self.loop.outstanding, "max_batch": self.engine.cache.max_batch,
+                "capacity": self.loop.capacity, "uptime_s": round(time.time() - s["started"], 1)}
+
+
+def create_app(server: Server):
+    """The FastAPI app over a Server: OpenAI routes, /health, /metrics and the web page at /."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from pydantic import ValidationError
+    from starlette.exceptions import HTTPException
+
+    ChatRequest, CompletionRequest = _schemas()
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.close()
+
+    app = FastAPI(title="nanoseek", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.server = server
+
+    def error(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        return error(_validation_error(e.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, e: HTTPException):
+        status = e.status_code if e.status_code in APIError.TYPES else 400
+        message = "not found" if e.status_code == 404 else str(e.detail)
+        return error(APIError(status, f"{request.method} {request.url.path}: {message}"))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):  # never a traceback in a response
+        return error(APIError(500, f"internal error ({type(e).__name__})"))
+
+    async def body_of(request: Request, schema):
+        data = await request.body()  # chunked bodies have no content-length: bound them here too
+        if len(data) > server.max_body_bytes:
+            raise APIError(413, f"the request body exceeds {server.max_body_bytes} bytes", code="request_too_large")
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(raw, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        try:
+            return schema.model_validate(raw)
+        except ValidationError as e:
+            raise _validation_error(e.errors()) from None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.name, "auth": bool(server.api_key)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return server.metrics()
+
+    @app.get("/")
+    async def page():
+        return FileResponse(WEB_PAGE, media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
+                                            "owned_by": "nanoseek"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await body_of(request, ChatRequest)
+        jobs, lens, stops, stop_ids = server.chat_jobs(req)
+        return await respond(request, req, jobs, lens, stops, stop_ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await body_of(request, CompletionRequest)
+        jobs, lens, stops, stop_ids = server.completion_jobs(req)
+        return await respond(request, req, jobs, lens, stops, stop_ids, chat=False)
+
+    async def respond(request, req, jobs, lens, stops, stop_ids, chat: bool):
+        handle = Handle(jobs, asyncio.get_running_loop())
+        server.loop.submit(handle)
+        server.loop.stats["prompt_tokens"] += sum(lens)
+        texts = [ChoiceText(server.tokenizer, stops, stop_ids, reasoning=chat) for _ in jobs]
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        usage = lambda: {"prompt_tokens": sum(lens), "completion_tokens": sum(t.tokens for t in texts),
+                         "total_tokens": sum(lens) + sum(t.tokens for t in texts)}
+
+        async def events():
+            """(index, reasoning delta, content delta, finish_reason) until every choice has finished."""
+            finished = 0
+            try:
+                while finished < len(jobs):
+                    index, ev = await handle.events.get()
+                    if isinstance(ev, Exception):
+                        raise APIError(400 if isinstance(ev, UserError) else 500, str(ev))
+                    r, c = texts[index].add(ev)
+                    server.loop.stats["completion_tokens"] += 1
+                    finished += ev.finish_reason is not None
+                    yield index, r, c, ev.finish_reason
+            finally:
+                server.loop.release(handle, finished)
+
+        if not req.stream:
+            async for _ in events():
+                pass
+            choices = []
+            for i, t in enumerate(texts):
+                reasoning, content = t.full()
+                if chat:
+                    message = {"role": "assistant", "content": content}
+                    if reasoning is not None:
+                        message["reasoning_content"] = reasoning
+                    choices.append({"index": i, "message": message, "finish_reason": t.finish_reason,
+                                    "logprobs": None})
+                else:
+                    choices.append({"index": i, "text": content, "finish_reason": t.finish_reason, "logprobs": None})
+            return {"id": rid, "object": obj, "created": created, "model": server.name, "choices": choices,
+                    "usage": usage()}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, **extra) -> str:
+            body = {"id": rid, "object": chunk_obj, "created": created, "model": server.name, "choices": choices}
+            body.update(extra)
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def sse():
+            if chat:  # the first chunk of each choice names the role
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                             for i in range(len(jobs))])
+            try:
+                async for index, r, c, reason in events():
+                    if not (r or c or reason):
+                        continue
+                    if chat:
+                        delta = {}
+                        if r:
+                            delta["reasoning_content"] = r
+                        if c or not r:
+                            delta["content"] = c
+                        choice = {"index": index, "delta": delta, "finish_reason": reason}
+                    else:
+                        choice = {"index": index, "text": c, "finish_reason": reason}
+                    yield chunk([choice])
+            except APIError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+                return
+            if include_usage:
+                yield chunk([], usage=usage())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    app.add_middleware(Guard, server=server)
+    return app
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    """pydantic's first complaint as a 422 naming the field."""
+    first = errors[0]
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+    return APIError(422, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where, code="invalid_value")
+
+
+class Guard:
+    """ASGI middleware run before any route: the body size limit (by Content-Length; bodies without one are
+    bounded when read) and the bearer API key on /v1/*."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            problem = self.check(scope, headers)
+            if problem is not None:
+                from fastapi.responses import JSONResponse
+
+                await JSONResponse(problem.body(), status_code=problem.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, scope, headers: dict) -> APIError | None:
+        limit = self.server.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return APIError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+        key = self.server.api_key
+        if key and scope["path"].startswith("/v1/"):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                return APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                code="invalid_api_key")
+        return None
+
+
+# --- `nanoseek serve` ------------------------------------------------------------------------------------------------
+
+def add_serve_arguments(p) -> None:
+    p.add_argument("path", help="run directory, checkpoint directory or transformers DeepseekV3 directory "
+                                "(with tokenizer.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)")
+    p.add_argument("--name", help="the model name clients use (default: the directory's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default: 32)")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences waiting beyond that before 429")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="request body limit in KiB (default: 1024)")
+    p.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def build_server(args) -> Server:
+    from nanoseek import load
+    from nanoseek.cli import pick_device
+
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port {args.port} must be in 0..65535")
+    if args.max_batch < 1 or args.max_queue < 0 or args.max_body_kb < 1:
+        raise UserError("--max-batch and --max-body-kb must be >= 1, --max-queue >= 0")
+    model, tokenizer = load(args.path, pick_device(args.device))
+    name = args.name or Path(args.path).resolve().name
+    return Server(model, tokenizer, name, api_key=args.api_key or None, max_batch=args.max_batch,
+                  max_queue=args.max_queue, max_body_bytes=args.max_body_kb * 1024,
+                  engine_kwargs={"speculative": args.speculative})
+
+
+def _listen(host: str, port: int):
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # connections made before uvicorn runs wait in the backlog
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def _uvicorn(server: Server):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=2))
+
+
+@contextmanager
+def serving(server: Server, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve in a background thread (tests, benchmarks, notebooks); yields the base URL, e.g.
+    http://127.0.0.1:41234, and stops the server (and its engine thread) on exit."""
+    sock = _listen(host, port)
+    web = _uvicorn(server)
+    thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not web.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server failed to start")
+        time.sleep(0.01)
+    try:
+        yield "http://{}:{}".format(*sock.getsockname()[:2])
+    finally:
+        web.should_exit = True
+        thread.join(timeout=10)
+        server.close()
+        sock.close()
+
+
+def run_serve(args) -> None:
+    server = build_server(args)
+    try:
+        sock = _listen(args.host, args.port)
+    except UserError:
+        server.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    print(f"nanoseek serving {server.name!r} on http://{host}:{port}  (OpenAI API at /v1, chat page at /; "
+          f"{'API key required' if server.api_key else 'no API key'})", flush=True)
+    _uvicorn(server).run(sockets=[sock])

@@ -1,0 +1,280 @@
+"""`nanoseek serve`: the official openai client against a live server on 127.0.0.1 (a free port), errors,
+concurrency, disconnects and the queue limit. A tiny random model: outputs are checked against the engine."""
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+from helpers import corpus_text
+
+from nanoseek.chat import _turn_end_ids
+from nanoseek.config import preset
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model import NanoSeek
+from nanoseek.server import ChoiceText, Server, serving, split_reasoning
+from nanoseek.tokenizer import END_THINK, THINK, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    torch.manual_seed(0)
+    tok = train_tokenizer(iter([corpus_text()]), vocab_size=512)
+    return NanoSeek(preset("tiny", vocab_size=512)).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def url(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with serving(Server(model, tok, "tiny", max_batch=8)) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def engine_greedy(model, ids, stop_ids, n):
+    out = Engine(model).generate([ids], SamplingParams(temperature=0, max_new_tokens=n, stop_token_ids=stop_ids))[0]
+    return out
+
+
+def chat(client, content, **kw):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_models_health_and_metrics(client, url):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(url + "/health").json() == {"status": "ok", "model": "tiny", "auth": False}
+    m = httpx.get(url + "/metrics").json()
+    assert {"requests_total", "tokens_per_s", "queue_depth", "running_batch"} <= m.keys()
+
+
+def test_chat_is_greedy_engine_output(client, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    r = chat(client, "Good night my lord", temperature=0, max_tokens=12)
+    ids, _ = tok.render_chat([{"role": "user", "content": "Good night my lord"}], add_generation_prompt=True)
+    stop_ids = _turn_end_ids(tok)
+    ref = engine_greedy(model, ids, stop_ids, 12)
+    text = tok.decode([t for t in ref.tokens if t not in stop_ids])
+    assert r.choices[0].message.content == split_reasoning(text)[1]
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref.tokens)
+    assert r.usage.total_tokens == len(ids) + len(ref.tokens)
+
+
+def test_stream_equals_non_stream_and_reports_usage(client):
+    full = chat(client, "the queen said", temperature=0, max_tokens=16)
+    chunks = list(chat(client, "the queen said", temperature=0, max_tokens=16, stream=True,
+                       stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+           [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completions_n_seed_and_stop(client, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    r = client.completions.create(model="tiny", prompt="The king", max_tokens=10, temperature=0)
+    ref = engine_greedy(model, tok.encode("The king", bos=True), [tok.eos_id], 10)
+    assert r.choices[0].text == tok.decode([t for t in ref.tokens if t != tok.eos_id])
+    a = client.completions.create(model="tiny", prompt="The king", max_tokens=10, temperature=1.0, seed=7, n=3)
+    b = client.completions.create(model="tiny", prompt="The king", max_tokens=10, temperature=1.0, seed=7, n=3)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 3
+    assert len({c.text for c in a.choices}) > 1  # each choice draws with its own seed
+    # a stop string taken from the greedy text: the output ends right before it
+    greedy = r.choices[0].text
+    stop = greedy[3:5]
+    s = client.completions.create(model="tiny", prompt="The king", max_tokens=10, temperature=0, stop=[stop])
+    assert s.choices[0].text == greedy[: greedy.index(stop)] and s.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny", prompt="The king", max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == greedy
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"messages": "hello"}', 422, "messages"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 422, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n": 0}', 422, "n"),
+    (b'{"messages": [{"role": "wizard", "content": "x"}]}', 422, "messages.0.role"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000000}', 400, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["", "a"]}', 400, "stop"),
+    (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
+])
+def test_bad_requests_get_openai_errors(url, body, status, param):
+    r = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    assert "Traceback" not in r.text
+
+
+def test_over_long_prompt_huge_body_and_unknown_route(client, url):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "the king said " * 200)
+    assert e.value.body["code"] == "context_length_exceeded"
+    r = httpx.post(url + "/v1/completions", content=b"x" * (2 << 20))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_api_key(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with serving(Server(model, tok, "tiny", api_key="sekret", max_batch=2)) as u:
+        assert httpx.get(u + "/health").json()["auth"] is True  # the page learns it must ask for a key
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=u + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert httpx.get(u + "/v1/models").status_code == 401
+        ok = openai.OpenAI(base_url=u + "/v1", api_key="sekret", max_retries=0)
+        assert ok.completions.create(model="tiny", prompt="The", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_sixteen_concurrent_clients_match_sequential_greedy(client):
+    prompts = [f"the {w} said" for w in "king queen lord men women war peace sword crown heart day night love "
+               "death good come".split()]
+    assert len(prompts) == 16
+    ask = lambda p: chat(client, p, temperature=0, max_tokens=12).choices[0].message.content
+    sequential = [ask(p) for p in prompts]
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(ask, prompts))
+    assert concurrent == sequential
+
+
+def wait_idle(url, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = httpx.get(url + "/metrics").json()
+        if m["sequences_outstanding"] == 0 and m["running_batch"] == 0 and m["queue_depth"] == 0:
+            return m
+        time.sleep(0.05)
+    raise AssertionError(f"server still busy: {m}")
+
+
+@pytest.fixture(scope="module")
+def long_request(model_and_tokenizer):
+    """A streaming completion that runs 240 greedy tokens (no early end-of-sequence), so it is still running
+    when the test acts."""
+    model, tok = model_and_tokenizer
+    for prompt in ("The king", "The queen", "My lord", "Good night", "Peace", "War"):
+        if engine_greedy(model, tok.encode(prompt, bos=True), [tok.eos_id], 240).finish_reason == "length":
+            return {"prompt": prompt, "max_tokens": 240, "temperature": 0, "stream": True}
+    pytest.fail("every prompt ends early")
+
+
+def test_disconnect_mid_stream_frees_the_slot(model_and_tokenizer, long_request):
+    model, tok = model_and_tokenizer
+    server = Server(model, tok, "tiny", max_batch=2)
+    with serving(server) as u:
+        body = long_request
+        with httpx.stream("POST", u + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # generation is running
+        m = wait_idle(u)
+        assert m["completion_tokens_total"] < 240  # stopped early
+        engine = server.engine
+        assert sorted(engine.cache.free_slots) == [0, 1] and not engine.running and not engine.sequences
+        # the server still works afterwards
+        assert httpx.post(u + "/v1/completions", json={"prompt": "The", "max_tokens": 3}).status_code == 200
+
+
+def test_full_queue_answers_429(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    server = Server(model, tok, "tiny", max_batch=1, max_queue=1)
+    gate, step = threading.Event(), server.engine.step
+    server.engine.step = lambda: (gate.wait(), step())[1]  # hold the engine so that requests pile up
+    body = {"prompt": "The", "max_tokens": 3}
+    with serving(server) as u, ThreadPoolExecutor(2) as pool:
+        first = [pool.submit(httpx.post, u + "/v1/completions", json=body, timeout=30) for _ in range(2)]
+        while httpx.get(u + "/metrics").json()["sequences_outstanding"] < 2:
+            time.sleep(0.01)
+        third = httpx.post(u + "/v1/completions", json=body)
+        assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+        gate.set()
+        assert [f.result().status_code for f in first] == [200, 200]
+        wait_idle(u)
+        assert httpx.post(u + "/v1/completions", json=body).status_code == 200
+
+
+def test_reasoning_is_split_from_content(model_and_tokenizer):
+    _, tok = model_and_tokenizer
+    assert split_reasoning(f"{THINK}\n2+2 is 4\n{END_THINK}\n\nIt is 4.") == ("2+2 is 4", "It is 4.")
+    assert split_reasoning(f"{THINK}still thinking") == ("still thinking", "")
+    assert split_reasoning("no reasoning here") == (None, "no reasoning here")
+    # streamed token by token, the deltas add up to the same split
+    reply = f" {THINK}the king has 3 men{END_THINK} So 3 men."
+    ids = tok.encode(reply) + [tok.eos_id]
+    text = ChoiceText(tok, [], [tok.eos_id], reasoning=True)
+
+    class Ev:
+        def __init__(self, token, last):
+            self.token, self.finish_reason = token, "stop" if last else None
+
+    parts = [text.add(Ev(t, i == len(ids) - 1)) for i, t in enumerate(ids)]
+    reasoning, content = "".join(p[0] for p in parts), "".join(p[1] for p in parts)
+    assert (reasoning, content) == ("the king has 3 men", "So 3 men.") == text.full()
+    assert all(THINK not in c and END_THINK not in c for _, c in parts)
+
+
+def test_serve_cli_bad_path_and_port(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_cli_starts_and_answers(tmp_path, model_and_tokenizer):
+    """The real command in a subprocess: prints its URL, answers, stops on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    from nanoseek.checkpoint import save_model
+
+    model, tok = model_and_tokenizer
+    save_model(model, tmp_path / "run" / "base")
+    tok.save(tmp_path / "run" / "tokenizer")
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(tmp_path / "run"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "serving 'run'" in line, line + proc.stderr.read()
+        base = line.split(" on ")[1].split()[0]
+        r = httpx.post(base + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["model"] == "run"
+        assert "<html" in httpx.get(base + "/").text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert "Traceback" not in proc.stderr.read()
+
+
+def test_requests_from_many_threads_share_one_batch(url):
+    """While 8 streams run, the engine's running batch holds several of them at once."""
+    seen = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(httpx.get(url + "/metrics").json()["running_batch"])
+            time.sleep(0.01)
+
+    body = {"prompt": "The king", "max_tokens": 60, "temperature": 1.0}
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: httpx.post(url + "/v1/completions", json=body, timeout=60), range(8)))
+    stop.set()
+    watcher.join()
+    assert all(r.status_code == 200 for r in results)
+    assert max(seen) >= 4, seen
+    assert json.loads(results[0].text)["usage"]["completion_tokens"] >= 1

@@ -1,0 +1,141 @@
+"""The chat page at / in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright; nothing is
+downloaded). Skipped, with the reason, only where the browser or the playwright package is missing."""
+
+import json
+import shutil
+import time
+
+import httpx
+import pytest
+import torch
+from helpers import corpus_text
+
+from nanoseek.config import preset
+from nanoseek.model import NanoSeek
+from nanoseek.server import Server, serving
+from nanoseek.tokenizer import train_tokenizer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    torch.manual_seed(0)
+    tok = train_tokenizer(iter([corpus_text()]), vocab_size=512)
+    return NanoSeek(preset("tiny", vocab_size=512)).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    context.set_default_timeout(15_000)
+    yield context.new_page()
+    context.close()
+
+
+def settings(page, **values):
+    """Open the settings panel (if closed) and fill fields by id."""
+    if not page.locator("#settings").is_visible():
+        page.click("#toggle-settings")
+    for field, value in values.items():
+        page.fill(f"#{field}", str(value))
+
+
+def send(page, text):
+    page.fill("#prompt", text)
+    page.keyboard.press("Enter")
+
+
+def test_type_a_message_and_see_a_streamed_answer(page, model_and_tokenizer, tmp_path):
+    model, tok = model_and_tokenizer
+    with serving(Server(model, tok, "tiny", max_batch=4)) as url:
+        page.goto(url)
+        sync_api.expect(page.locator("#model")).to_have_text("tiny")
+        assert page.locator("#key-field").is_hidden()  # no API key on this server: no key field
+        settings(page, max_tokens=24, temperature=0)
+        send(page, "Good night my lord")
+        sync_api.expect(page.locator(".msg.user")).to_have_text("Good night my lord")
+        meta = page.locator(".msg.assistant .meta")
+        sync_api.expect(meta).to_contain_text("tokens", timeout=20_000)
+        assert "error" not in meta.inner_text()
+        answer = page.locator(".msg.assistant .answer").inner_text()
+        # the page shows what the API returns for the same greedy request
+        r = httpx.post(url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Good night my lord"}], "max_tokens": 24, "temperature": 0})
+        assert answer.strip() == r.json()["choices"][0]["message"]["content"].strip()
+        page.screenshot(path=str(tmp_path / "chat.png"))
+        assert (tmp_path / "chat.png").stat().st_size > 1000
+        # a second turn sends the history along
+        send(page, "And the queen?")
+        sync_api.expect(page.locator(".msg.assistant .meta").nth(1)).to_contain_text("tokens", timeout=20_000)
+
+
+def test_reasoning_is_collapsible(page, model_and_tokenizer):
+    """The server's SSE stream (here a canned one, since a random model does not reason) with
+    reasoning_content: the page shows it in a <details> that collapses once the answer is complete."""
+    model, tok = model_and_tokenizer
+
+    def chunk(delta, finish=None):
+        return "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
+                                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+
+    body = (chunk({"role": "assistant", "content": ""}) + chunk({"reasoning_content": "3 + 4 = 7"})
+            + chunk({"content": "It is 7."}, "stop") + "data: [DONE]\n\n")
+    with serving(Server(model, tok, "tiny", max_batch=2)) as url:
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=200, headers={"Content-Type": "text/event-stream"}, body=body))
+        page.goto(url)
+        send(page, "What is 3 + 4?")
+        sync_api.expect(page.locator(".answer")).to_have_text("It is 7.")
+        details = page.locator("details.reasoning")
+        sync_api.expect(details.locator(".think")).to_have_text("3 + 4 = 7")
+        assert details.is_visible() and details.get_attribute("open") is None  # collapsed
+        details.locator("summary").click()
+        assert details.get_attribute("open") is not None
+
+
+def test_stop_button_cancels_the_generation(page, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    server = Server(model, tok, "tiny", max_batch=2)
+    step = server.engine.step
+    server.engine.step = lambda: (time.sleep(0.02), step())[1]  # slow enough to press Stop mid-stream
+    with serving(server) as url:
+        page.goto(url)
+        settings(page, max_tokens=200)
+        send(page, "Tell me a long story")
+        sync_api.expect(page.locator("#stop")).to_be_enabled()
+        page.wait_for_function("document.querySelector('.answer') && "
+                               "document.querySelector('.answer').textContent.length > 0")
+        page.click("#stop")
+        sync_api.expect(page.locator(".msg.assistant .meta")).to_have_text("stopped")
+        deadline = time.time() + 10
+        while server.loop.outstanding or server.engine.running:
+            assert time.time() < deadline, "the stopped request still runs on the server"
+            time.sleep(0.05)
+        assert sum(1 for _ in server.engine.cache.free_slots) == 2
+        sync_api.expect(page.locator("#send")).to_be_enabled()
+
+
+def test_api_key_field_when_the_server_wants_one(page, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with serving(Server(model, tok, "tiny", api_key="sekret", max_batch=2)) as url:
+        page.goto(url)
+        sync_api.expect(page.locator("#key-field")).to_be_visible()
+        settings(page, max_tokens=4)
+        send(page, "hello")
+        sync_api.expect(page.locator(".msg.assistant .meta")).to_contain_text("API key")
+        settings(page, api_key="sekret")
+        send(page, "hello")
+        sync_api.expect(page.locator(".msg.assistant .meta").nth(1)).to_contain_text("tokens", timeout=20_000)
