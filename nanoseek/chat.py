@@ -54,31 +54,48 @@ def _params(args, stop_token_ids, stop_check=None):
 
 
 class TextStream:
-    """Token ids in, new text out: decodes everything so far and returns what was not shown yet. Holds back
-    an incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives) and, with stop strings,
-    the characters that could still be the start of one; the text ends before the first stop string."""
+    """Token ids in, new text out, incrementally: each token decodes only the few ids since the last complete
+    character (decoded against the ids before them, for decoders whose output depends on context), so a long
+    generation costs O(1) per token. Holds back an incomplete UTF-8 character and, with stop strings, the
+    characters that could still be the start of one; the text ends before the first stop string."""
 
     def __init__(self, tokenizer, stops: list[str] = ()):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.hold = max(map(len, stops), default=1) - 1
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.hold = max(map(len, self.stops), default=1) - 1
         self.ids: list[int] = []
+        self.prefix = self.done = 0  # ids[prefix:done] is context only; ids[done:] is not decoded yet
+        self.full = ""  # text of ids[:done], cut at the first stop string
         self.shown = 0
+        self.stopped = False
 
     def text(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        return text[: min((text.index(s) for s in self.stops if s in text), default=len(text))]
+        return self.full
 
     def add(self, token: int) -> str:
+        """Append a token; return the text that can be shown now."""
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd"):
+        if self.stopped or not self._decode(final=False):
             return ""
-        text = self.text()
-        return self.finish() if len(text) < len(full) else self._take(text[: len(text) - self.hold])
+        return self._take(self.full if self.stopped else self.full[: max(0, len(self.full) - self.hold)])
 
     def finish(self) -> str:
-        """All the text not shown yet."""
-        return self._take(self.text())
+        """All the text not shown yet (an incomplete character at the end comes out as U+FFFD)."""
+        if not self.stopped:
+            self._decode(final=True)
+        return self._take(self.full)
+
+    def _decode(self, final: bool) -> bool:
+        context = self.tokenizer.decode(self.ids[self.prefix: self.done])
+        new = self.tokenizer.decode(self.ids[self.prefix:])[len(context):]
+        if not new or (new.endswith("\ufffd") and not final):
+            return False
+        start = max(0, len(self.full) - self.hold)
+        self.full += new
+        self.prefix, self.done = self.done, len(self.ids)
+        cut = min((i for i in (self.full.find(s, start) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.full, self.stopped = self.full[:cut], True
+        return True
 
     def _take(self, text: str) -> str:
         new = text[self.shown:]
@@ -129,6 +146,7 @@ def run_generate(args) -> None:
         if piece and not args.json:
             print(piece, end="", flush=True)
     seconds = time.perf_counter() - t0
+    rest = stream.finish()
     text = stream.text()
     if args.json:
         out = {"prompt": prompt, "text": text, "tokens": tokens, "logprobs": [round(x, 5) for x in logprobs],
@@ -138,7 +156,7 @@ def run_generate(args) -> None:
             out["mtp_acceptance"] = round(engine.stats["accepted"] / max(engine.stats["drafted"], 1), 4)
         print(json.dumps(out))
     else:
-        print(stream.finish(), flush=True)
+        print(rest, flush=True)
 
 
 # --- chat -------------------------------------------------------------------------------------------------
@@ -169,6 +187,11 @@ def run_chat(args) -> None:
     params = _params(args, stop_ids)
     if interactive:
         print(f"nanoseek chat ({args.path}); {HELP}")
+
+    def show(piece: str) -> None:
+        if color:  # the reasoning is shown dimmed
+            piece = piece.replace(THINK, DIM + THINK).replace(END_THINK, END_THINK + RESET)
+        print(piece, end="", flush=True)
     while True:
         if interactive:
             print("> ", end="", flush=True)
@@ -205,10 +228,8 @@ def run_chat(args) -> None:
             for ev in events:
                 if ev.token in stop_ids:
                     continue
-                piece = stream.add(ev.token)
-                if color:  # the reasoning is shown dimmed
-                    piece = piece.replace(THINK, DIM + THINK).replace(END_THINK, END_THINK + RESET)
-                print(piece, end="", flush=True)
+                show(stream.add(ev.token))
+            show(stream.finish())
         except KeyboardInterrupt:  # stop this reply (closing the stream frees its slot), keep the conversation
             events.close()
             print(" [interrupted]", end="")

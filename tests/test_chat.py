@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 from helpers import corpus_text
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from nanoseek.chat import THINK_BLOCK
+from nanoseek.chat import THINK_BLOCK, TextStream
 from nanoseek.checkpoint import save_model
 from nanoseek.cli import main
 from nanoseek.config import preset
@@ -148,3 +150,20 @@ def test_empty_prompt_is_one_line_without_traceback(run_dir):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip() == "nanoseek generate: error: empty prompt: give some text (as an argument or on stdin)"
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(max_size=60), stop=st.text(min_size=1, max_size=4))
+def test_text_stream_adds_up_to_the_decoded_text(run_dir, text, stop):
+    """Token by token, the incremental stream shows exactly the text (cut before the first stop string), and
+    never shows a prefix of a stop string that then completes."""
+    _, _, tok = run_dir
+    ids = tok.encode(text)
+    for stops in ([], [stop]):
+        stream = TextStream(tok, stops)
+        pieces = [stream.add(t) for t in ids]
+        shown = "".join(pieces) + stream.finish()
+        expected = text if not stops or stop not in text else text[: text.index(stop)]
+        assert shown == expected == stream.text()
+        if stops and stop in text:
+            assert stop not in "".join(pieces)
