@@ -10,8 +10,11 @@ install:
 	$(PIP) install -q -e '.[dev]'
 	$(PYTHON) -m nanoseek.data --install-default
 
+# the most complete pipeline so far: pretrain 10 minutes on the built-in corpus, then generate from it
 demo: install
 	$(PYTHON) -m nanoseek pretrain --run runs/demo --time-budget 600
+	$(PYTHON) -m nanoseek generate runs/demo "In the beginning" --max-new-tokens 60 --seed 0
+	@echo "next: nanoseek chat runs/demo   or   nanoseek serve runs/demo  (then open http://127.0.0.1:8000)"
 
 test: install
 	$(PYTHON) -m pytest tests

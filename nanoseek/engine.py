@@ -38,6 +38,7 @@ from nanoseek.model import MoE, NanoSeek
 
 IMPLS = ("fast", "absorbed", "naive")
 PADDED_MOE_MAX = 1024  # token-expert pairs up to which the fast MoE pads all experts into batched matmuls
+# (from n_routed_experts pairs up: below that most experts get no token, and their weights need not be read)
 
 
 @dataclass
@@ -313,7 +314,7 @@ class _FastLayer:
                 order = flat.argsort(stable=True)
                 token = order // K
                 counts = torch.bincount(flat, minlength=E)
-                if flat.numel() <= PADDED_MOE_MAX:
+                if E <= flat.numel() <= PADDED_MOE_MAX:  # (fewer pairs than experts: most experts idle)
                     routed = self._padded_experts(xf[token], flat[order], counts)
                 else:  # one matmul per expert over its tokens
                     routed = torch.cat([self.experts[e](xe) for e, xe in enumerate(xf[token].split(counts.tolist()))

@@ -112,6 +112,28 @@ def fmt_time(s: float) -> str:
 
 # --- the loop ----------------------------------------------------------------------------------------
 
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every allocation over 32 MB (logits, their gradients, the softmax of a 4096-token batch) is a
+    fresh mmap, freed with munmap, and each of its pages is faulted in and zeroed again by the kernel at the
+    next step: ~100k page faults per training step of the cpu preset, a third of its time (measured: 567 ->
+    385 ms per forward+backward). With mmap off and no trimming, the heap keeps its peak size and later steps
+    reuse it. No-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    mallopt(M_TOP_PAD, 1 << 28)
+
+
 def train(args):
     """The whole pretraining run; returns (model, summary dict)."""
     if not args.max_steps and not args.time_budget:
@@ -121,6 +143,8 @@ def train(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     d = parallel.init(pick_device(args.device))
+    if d.device == "cpu":
+        keep_freed_memory()
     torch.manual_seed(args.seed)
     run_dir, stage = Path(args.run), Path(args.run) / "base"
     ckpt_path = stage / "checkpoint.safetensors"
