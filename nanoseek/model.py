@@ -61,7 +61,7 @@ def attention(q, k, v, mask, scale):
     """softmax(q k^T * scale + mask) v; mask None means causal. q/k [B, h, S|T, dqk], v [B, h, T, dv]."""
     S, T = q.shape[-2], k.shape[-2]
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and S * T <= 1 << 20:
-        # Measured on this CPU: two bf16 matmuls (AMX) around a softmax are ~3x faster, forward+backward, than
+        # Measured on this CPU: two bf16 matmuls around a softmax are ~3x faster, forward+backward, than
         # PyTorch's fused flash kernel in bf16; the S x T scores are small at training lengths.
         scores = (q * scale) @ k.transpose(-1, -2)
         if mask is None:
