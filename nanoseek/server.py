@@ -64,7 +64,6 @@ class Handle:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     request_ids: dict[int, int] = field(default_factory=dict)  # engine request id -> choice index
-    done: int = 0
 
 
 class EngineLoop:
@@ -388,6 +387,7 @@ def create_app(server: Server):
     from starlette.exceptions import HTTPException
 
     ChatRequest, CompletionRequest = _schemas()
+
     @asynccontextmanager
     async def lifespan(app):
         yield
