@@ -9,22 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
-from helpers import corpus_text
 
 from nanoseek.chat import _turn_end_ids
-from nanoseek.config import preset
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.model import NanoSeek
 from nanoseek.server import ChoiceText, Server, serving, split_reasoning
-from nanoseek.tokenizer import END_THINK, THINK, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer():
-    torch.manual_seed(0)
-    tok = train_tokenizer(iter([corpus_text()]), vocab_size=512)
-    return NanoSeek(preset("tiny", vocab_size=512)).eval(), tok
+from nanoseek.tokenizer import END_THINK, THINK
 
 
 @pytest.fixture(scope="module")

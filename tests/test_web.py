@@ -7,26 +7,14 @@ import time
 
 import httpx
 import pytest
-import torch
-from helpers import corpus_text
 
-from nanoseek.config import preset
-from nanoseek.model import NanoSeek
 from nanoseek.server import Server, serving
-from nanoseek.tokenizer import train_tokenizer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer():
-    torch.manual_seed(0)
-    tok = train_tokenizer(iter([corpus_text()]), vocab_size=512)
-    return NanoSeek(preset("tiny", vocab_size=512)).eval(), tok
 
 
 @pytest.fixture(scope="module")
