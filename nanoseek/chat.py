@@ -124,7 +124,7 @@ def run_generate(args) -> None:
     stop_ids = [tokenizer.eos_id]
     if args.chat:
         ids, _ = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        stop_ids = _turn_end_ids(tokenizer)
+        stop_ids = turn_end_ids(tokenizer)
     else:
         ids = tokenizer.encode(prompt, bos=True)
     stops = args.stop
@@ -164,7 +164,7 @@ def run_generate(args) -> None:
 HELP = "commands: /system TEXT (set the system prompt, start over), /reset (start over), /exit"
 
 
-def _turn_end_ids(tokenizer) -> list[int]:
+def turn_end_ids(tokenizer) -> list[int]:
     """The assistant's turn ends with <|eos|>; an undertrained model may instead start the next turn itself."""
     from nanoseek.tokenizer import SYSTEM, USER
 
@@ -183,7 +183,7 @@ def run_chat(args) -> None:
     interactive = sys.stdin.isatty()
     color = sys.stdout.isatty()
     system, history = args.system, []
-    stop_ids = _turn_end_ids(tokenizer)
+    stop_ids = turn_end_ids(tokenizer)
     params = _params(args, stop_ids)
     if interactive:
         print(f"nanoseek chat ({args.path}); {HELP}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from nanoseek.chat import TextStream, _turn_end_ids
+from nanoseek.chat import TextStream, turn_end_ids
 from nanoseek.engine import Engine, Event, SamplingParams
 from nanoseek.errors import UserError
 from nanoseek.tokenizer import END_THINK, THINK
@@ -347,7 +347,7 @@ class Server:
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
         self._check_prompt(ids, "messages")
-        stops, stop_ids = self._stops(req), _turn_end_ids(self.tokenizer)
+        stops, stop_ids = self._stops(req), turn_end_ids(self.tokenizer)
         jobs = [(ids, self._params(req, len(ids), stop_ids, stops, i)) for i in range(req.n)]
         return jobs, [len(ids)], stops, stop_ids
 
@@ -453,15 +453,15 @@ def create_app(server: Server):
     async def chat_completions(request: Request):
         req = await body_of(request, ChatRequest)
         jobs, lens, stops, stop_ids = server.chat_jobs(req)
-        return await respond(request, req, jobs, lens, stops, stop_ids, chat=True)
+        return await respond(req, jobs, lens, stops, stop_ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await body_of(request, CompletionRequest)
         jobs, lens, stops, stop_ids = server.completion_jobs(req)
-        return await respond(request, req, jobs, lens, stops, stop_ids, chat=False)
+        return await respond(req, jobs, lens, stops, stop_ids, chat=False)
 
-    async def respond(request, req, jobs, lens, stops, stop_ids, chat: bool):
+    async def respond(req, jobs, lens, stops, stop_ids, chat: bool):
         handle = Handle(jobs, asyncio.get_running_loop())
         server.loop.submit(handle)
         server.loop.stats["prompt_tokens"] += sum(lens)

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from nanoseek.chat import _turn_end_ids
+from nanoseek.chat import turn_end_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.server import ChoiceText, Server, serving, split_reasoning
 from nanoseek.tokenizer import END_THINK, THINK
@@ -48,7 +48,7 @@ def test_chat_is_greedy_engine_output(client, model_and_tokenizer):
     model, tok = model_and_tokenizer
     r = chat(client, "Good night my lord", temperature=0, max_tokens=12)
     ids, _ = tok.render_chat([{"role": "user", "content": "Good night my lord"}], add_generation_prompt=True)
-    stop_ids = _turn_end_ids(tok)
+    stop_ids = turn_end_ids(tok)
     ref = engine_greedy(model, ids, stop_ids, 12)
     text = tok.decode([t for t in ref.tokens if t not in stop_ids])
     assert r.choices[0].message.content == split_reasoning(text)[1]
