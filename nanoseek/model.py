@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
 
+EXPERT_ROWS = 64
+"""Each expert's block of tokens is padded to a multiple of this many rows (see Experts.forward)."""
+
 
 def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
@@ -241,20 +244,32 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sort-based dispatch: the N*K (token, expert) pairs are sorted by expert, so every expert runs
         one matmul over a contiguous block of its tokens; no loop over tokens, no expert sees a token it
-        was not chosen for. x [N, H], idx/weights [N, K] -> [N, H] (fp32)."""
+        was not chosen for. x [N, H], idx/weights [N, K] -> [N, H] (fp32).
+
+        Each expert's block is padded with zero rows to a multiple of EXPERT_ROWS. On CPU, bf16 matmuls run
+        in oneDNN, which builds (JIT-compiles) a kernel for every new shape, ~0.5 ms each; the number of
+        tokens per expert changes at every training step, so unpadded nearly every expert matmul paid that
+        (measured in a real training step of the cpu preset: expert matmuls at 0.08 TFLOP/s instead of
+        ~0.3, the whole step 1.25x slower). Padded, a few dozen shapes recur and stay in oneDNN's cache."""
         N, K = idx.shape
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # [N*K] pair ids grouped by expert
         token = order // K
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        padded = (counts + EXPERT_ROWS - 1) // EXPERT_ROWS * EXPERT_ROWS
+        # row of each sorted pair in the padded blocks: its rank within its expert + that expert's first row
+        row = torch.arange(N * K, device=x.device) + (padded.cumsum(0) - padded - counts.cumsum(0) + counts)[
+            flat.index_select(0, order)]
+        if torch.is_autocast_enabled(x.device.type):  # gather once in the matmul dtype, not once per expert
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        # index_select/index_copy, not indexing: their backwards are an index_add and an index_select, ~10x
+        # faster on CPU than indexing's accumulating index_put (measured: 0.27 vs 3.0 ms for 8192 rows of 256)
+        xs = x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, row, x.index_select(0, token))
         # unbind, not [e]: its backward writes each weight gradient once instead of E zero-filled copies
         experts = zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
-        # index_select, not x[token]: its backward is an index_add, ~10x faster on CPU than indexing's
-        # accumulating index_put (measured: 0.27 vs 3.0 ms for 8192 rows of 256)
-        xs = x.index_select(0, token)
-        y = torch.cat([self.swiglu(xe, gu, dn) for xe, (gu, dn) in zip(xs.split(counts), experts)
-                       if xe.shape[0]])  # [N*K, H]
-        y = y.float() * weights.reshape(-1).index_select(0, order)[:, None]
+        y = torch.cat([self.swiglu(xe, gu, dn) for xe, (gu, dn) in zip(xs.split(padded.tolist()), experts)
+                       if xe.shape[0]])  # [padded rows, H]
+        y = y.index_select(0, row).float() * weights.reshape(-1).index_select(0, order)[:, None]
         return torch.zeros(N, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y)
 
     def forward_reference(self, x, idx, weights):
