@@ -1,16 +1,19 @@
 """Inference benchmarks P4-P7, A and B interleaved in one run (best of --rounds); the last line printed is one
 JSON object.
 
-  P4  decode tokens/s at batch 1: the nanoseek engine vs transformers' DeepseekV3ForCausalLM.generate on the
-      same exported weights (the random 8.3M model of /work/shared/BENCHMARKS.md), greedy, same prompt and
-      number of new tokens; generation end to end, prefill included, for both.
-  P5  aggregate tokens/s of 32 concurrent sequences vs batch 1 (same model, engine, float32).
+  P4  decode tokens/s at batch 1: the nanoseek engine (decode steps through torch.compile, float32 weights:
+      exact) vs transformers' DeepseekV3ForCausalLM.generate on the same exported weights (the random 8.3M
+      model of /work/shared/BENCHMARKS.md), greedy, same prompt and number of new tokens; generation end to
+      end, prefill included, for both. Also the eager engine and bfloat16 weights.
+  P5  aggregate tokens/s of 32 concurrent sequences vs batch 1 (same model and engine settings), compiled and
+      eager.
   P6  KV-cache bytes per token per layer at the cpu preset's dims: the MLA latent cache vs the MHA-equivalent
       cache (per-head K and V at the same head dims); and whether greedy outputs are identical from the latent
       cache (absorbed attention), from per-head K/V expanded out of it (naive) and from full forwards.
   P7  MTP self-speculative decoding on a trained checkpoint (--checkpoint DIR; without it, `nanoseek pretrain`
-      trains the cpu preset on Tiny Shakespeare for --train-seconds into runs/bench-infer, reused next time):
-      draft acceptance rate and tokens/s vs plain greedy decoding at batch 1, and identical outputs.
+      trains the cpu preset on the default corpus for --train-seconds into runs/bench-infer, reused next time),
+      prompts from the held-out end of its corpus: draft acceptance rate and tokens/s vs plain greedy decoding
+      at batch 1 (eager and compiled), and identical outputs.
 
     python bench/infer.py [--checkpoint runs/demo] [--rounds 3] [--new-tokens 64]
 """
@@ -27,11 +30,10 @@ import torch
 
 import nanoseek
 from nanoseek.config import preset
+from nanoseek.data import load_tokens
 from nanoseek.engine import Engine, KVCache, SamplingParams
 from nanoseek.hf import export
 from nanoseek.model import NanoSeek
-
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 
 
 def best_of(rounds: int, runs: dict) -> dict:
@@ -62,8 +64,10 @@ def p4_p5(args) -> dict:
         model, _ = nanoseek.load(d)  # the engine reads the very same exported files
     prompts = [torch.randint(0, 4096, (32,)).tolist() for _ in range(32)]
     greedy = SamplingParams(temperature=0, max_new_tokens=N)
-    e1, e32 = Engine(model, max_batch=1), Engine(model, max_batch=32)
-    e1_bf16, e32_bf16 = (Engine(model, max_batch=b, dtype=torch.bfloat16) for b in (1, 32))
+    engines = {f"b{b}_{dt}{'_compiled' if c else ''}": Engine(model, max_batch=b, compile=c, dtype=getattr(torch, dt))
+               for b in (1, 32) for c in (False, True) for dt in ("float32", "bfloat16")}
+    for e in engines.values():
+        e.warm_up()
     out = {}
 
     def hf_generate():
@@ -71,24 +75,20 @@ def p4_p5(args) -> dict:
             out["hf"] = hf.generate(torch.tensor(prompts[:1]), max_new_tokens=N, min_new_tokens=N,
                                     do_sample=False)[0, 32:].tolist()
 
-    def ours():
-        out["ours"] = e1.generate(prompts[:1], greedy)[0].tokens
+    def run(name, engine):
+        def fn():
+            out[name] = engine.generate(prompts[: engine.cache.max_batch], greedy)[0].tokens
+        return fn
 
-    t = best_of(args.rounds, {"hf": hf_generate, "b1": ours, "b32": lambda: e32.generate(prompts, greedy),
-                              "b1_bf16": lambda: e1_bf16.generate(prompts[:1], greedy),
-                              "b32_bf16": lambda: e32_bf16.generate(prompts, greedy)})
+    t = best_of(args.rounds, {"hf": hf_generate, **{k: run(k, e) for k, e in engines.items()}})
     tps = {k: (32 if k.startswith("b32") else 1) * N / v for k, v in t.items()}
-    return {
-        "p4_speedup_vs_transformers": round(tps["b1"] / tps["hf"], 2),
-        "p4_transformers_tokens_per_s": round(tps["hf"], 1),
-        "p4_nanoseek_tokens_per_s": round(tps["b1"], 1),
-        "p4_nanoseek_bf16_tokens_per_s": round(tps["b1_bf16"], 1),
-        "p4_same_tokens": out["hf"] == out["ours"],
-        "p5_batch32_over_batch1": round(tps["b32"] / tps["b1"], 2),
-        "p5_batch32_tokens_per_s": round(tps["b32"], 1),
-        "p5_batch32_bf16_tokens_per_s": round(tps["b32_bf16"], 1),
-        "p5_batch32_bf16_over_batch1": round(tps["b32_bf16"] / tps["b1"], 2),
-    }
+    r = {"p4_speedup_vs_transformers": round(tps["b1_float32_compiled"] / tps["hf"], 2),
+         "p4_transformers_tokens_per_s": round(tps["hf"], 1),
+         "p4_same_tokens": out["hf"] == out["b1_float32_compiled"] == out["b1_float32"],
+         "p5_batch32_over_batch1": round(tps["b32_float32_compiled"] / tps["b1_float32_compiled"], 2),
+         "p5_batch32_over_batch1_eager": round(tps["b32_float32"] / tps["b1_float32"], 2)}
+    r.update({f"tokens_per_s_{k}": round(v, 1) for k, v in tps.items() if k != "hf"})
+    return r
 
 
 def p6() -> dict:
@@ -116,11 +116,25 @@ def trained_checkpoint(args) -> str:
     run = Path("runs/bench-infer")
     if not (run / "base" / "model.safetensors").exists():
         print(f"P7: training the cpu preset for {args.train_seconds:.0f} s into {run} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", "--run", str(run), "--data", str(SHAKESPEARE),
-                        "--preset", "cpu", "--vocab-size", "1024", "--seq-len", "128", "--batch-size", "32",
-                        "--time-budget", str(args.train_seconds), "--eval-every", "0", "--eval-tokens", "16384"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", "--run", str(run), "--preset", "cpu",
+                        "--seq-len", "128", "--batch-size", "32", "--time-budget", str(args.train_seconds),
+                        "--eval-every", "0", "--eval-tokens", "16384"], check=True, stdout=subprocess.DEVNULL)
     return str(run)
+
+
+def held_out_prompts(path: str, tok, n: int = 4, length: int = 16) -> list[list[int]]:
+    """The first tokens of documents from the held-out end of the run's corpus (its val split)."""
+    data = Path(path) / "data"
+    if not (data / "val.bin").exists():
+        raise SystemExit(f"{path} has no data/val.bin; P7 needs a run directory made by `nanoseek pretrain`")
+    val = load_tokens(data, "val").astype("int64").tolist()
+    docs, start = [], 0
+    for i, t in enumerate(val + [tok.bos_id]):
+        if t == tok.bos_id:
+            if i - start > length:
+                docs.append(val[start: start + length])
+            start = i + 1
+    return [[tok.bos_id] + d for d in docs[:: max(1, len(docs) // n)][:n]]
 
 
 def p7(args) -> dict:
@@ -128,12 +142,12 @@ def p7(args) -> dict:
     model, tok = nanoseek.load(path)
     if tok is None:
         raise SystemExit(f"{path} has no tokenizer")
-    # prompts from the held-out end of the text (the trainer holds out the last 10%)
-    text = SHAKESPEARE.read_text()[-50_000:]
-    lines = [ln for ln in text.splitlines() if len(ln) > 30][:: 97][:4]
-    prompts = [tok.encode(ln, bos=True) for ln in lines]
+    prompts = held_out_prompts(path, tok)
     greedy = SamplingParams(temperature=0, max_new_tokens=args.new_tokens * 2)
-    plain, spec = Engine(model, max_batch=1), Engine(model, max_batch=1, speculative=True)
+    engines = {f"{kind}{'_compiled' if c else ''}": Engine(model, max_batch=1, speculative=kind == "spec", compile=c)
+               for c in (False, True) for kind in ("plain", "spec")}
+    for e in engines.values():
+        e.warm_up()
     out = {}
 
     def run(name, engine):
@@ -141,18 +155,21 @@ def p7(args) -> dict:
             out[name] = [engine.generate([p], greedy)[0].tokens for p in prompts]
         return fn
 
-    t = best_of(args.rounds, {"plain": run("plain", plain), "spec": run("spec", spec)})
-    n = sum(len(o) for o in out["spec"])
-    return {"p7_mtp_acceptance": round(spec.stats["accepted"] / spec.stats["drafted"], 3),
+    t = best_of(args.rounds, {k: run(k, e) for k, e in engines.items()})
+    n = sum(len(o) for o in out["plain"])
+    stats = engines["spec"].stats
+    return {"p7_mtp_acceptance": round(stats["accepted"] / stats["drafted"], 3),
             "p7_mtp_speedup": round(t["plain"] / t["spec"], 2),
-            "p7_plain_tokens_per_s": round(n / t["plain"], 1), "p7_spec_tokens_per_s": round(n / t["spec"], 1),
-            "p7_same_tokens": out["plain"] == out["spec"], "p7_checkpoint": path}
+            "p7_mtp_speedup_compiled": round(t["plain_compiled"] / t["spec_compiled"], 2),
+            **{f"p7_{k}_tokens_per_s": round(n / v, 1) for k, v in t.items()},
+            "p7_same_tokens": all(o == out["plain"] for o in out.values()), "p7_checkpoint": path,
+            "p7_sample": tok.decode(prompts[0] + out["plain"][0])[:200]}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="trained run/checkpoint with an MTP module, for P7")
-    ap.add_argument("--train-seconds", type=float, default=150, help="P7 training budget without --checkpoint")
+    ap.add_argument("--train-seconds", type=float, default=300, help="P7 training budget without --checkpoint")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()

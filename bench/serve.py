@@ -95,17 +95,21 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve with torch.compile'd decode steps (the server's default)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.path) if args.path else default_model(Path(tmp) / "bench-serve")
         proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(path), "--port", "0",
-                                 "--max-batch", str(args.max_batch)], stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "NANOSEEK_API_KEY": ""})
+                                 "--max-batch", str(args.max_batch), "--compile" if args.compile else "--no-compile"],
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "NANOSEEK_API_KEY": ""})
         try:
-            line = proc.stdout.readline()
-            if " on http" not in line:
-                sys.exit(f"the server did not start: {line}")
+            line = ""
+            while " on http" not in line:  # (after "compiling ...", while the graphs compile)
+                line = proc.stdout.readline()
+                if not line:
+                    sys.exit("the server did not start")
             base = line.split(" on ")[1].split()[0]
             asyncio.run(round_of(base, 2, argparse.Namespace(**{**vars(args), "requests": 1})))  # warm-up
             results = []
@@ -119,7 +123,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     by_n = {r["clients"]: r for r in results}
-    summary = {"model": str(args.path or "cpu preset (random weights)"), "max_tokens": args.max_tokens,
+    summary = {"model": str(args.path or "cpu preset (random weights)"), "compile": args.compile,
+               "max_tokens": args.max_tokens,
                "requests_per_client": args.requests, "max_batch": args.max_batch, "rounds": results,
                "server_metrics": metrics, "engine_busy_fraction": round(busy, 3),
                "errors_total": sum(r["errors"] for r in results)}

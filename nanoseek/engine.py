@@ -18,6 +18,8 @@ interchangeable forward implementations, tested against each other:
   "fast"     - absorbed MLA with decode-friendly weights precomputed once (FastForward, the default);
   "absorbed" - the model's own absorbed form (model.hidden(absorb=True)), the reference for "fast";
   "naive"    - the model's naive form, expanding per-head K/V from the cached latent (the reference of both).
+With compile=True the fast path's decode steps run as torch.compile'd graphs (decode.py), ~3x faster per token
+for one sequence; prefill stays eager.
 
 Not thread-safe: drive one engine from one thread (the server's event loop thread does). Shapes: B batch
 (sequences in this forward), S new tokens per sequence, T key length, H hidden, V vocab.
@@ -27,14 +29,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from nanoseek.decode import SMALL, CompiledSteps, LayerWeights, fold_model
 from nanoseek.errors import UserError
-from nanoseek.model import MoE, NanoSeek
+from nanoseek.model import NanoSeek, route
 
 IMPLS = ("fast", "absorbed", "naive")
 PADDED_MOE_MAX = 1024  # token-expert pairs up to which the fast MoE pads all experts into batched matmuls
@@ -179,7 +183,20 @@ class KVCache:
             self.lengths[s] += n
 
 
-class _ModelForward:
+class _Forward:
+    """What the engine calls. hidden/logits (and mtp_hidden/mtp_logits) are the pieces; decode() and mtp_decode()
+    are one step of a few new tokens per sequence, hidden states and logits at every one of them."""
+
+    def decode(self, ids, positions, cache):
+        h = self.hidden(ids, positions, cache)
+        return h, self.logits(h)
+
+    def mtp_decode(self, h_prev, next_ids, positions, cache):
+        h = self.mtp_hidden(h_prev, next_ids, positions, cache)
+        return h, self.mtp_logits(h)
+
+
+class _ModelForward(_Forward):
     """The model's own forward (absorbed or naive MLA): the reference implementations."""
 
     def __init__(self, model: NanoSeek, absorb: bool):
@@ -224,17 +241,17 @@ class _Weight:
         return (x.to(self.w.dtype) @ self.w).to(x.dtype)
 
 
-def _norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """A model RMSNorm through F.rms_norm: the same float32 result in one call instead of nine (~5 us less
-    per norm here; a decode step runs 4 per layer)."""
-    return F.rms_norm(x, norm.weight.shape, norm.weight.float(), norm.eps)
+def _norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """A model RMSNorm (fp32 gain) through F.rms_norm: the same float32 result in one call instead of nine (~5 us
+    less per norm here; a decode step runs 4 per layer)."""
+    return F.rms_norm(x, gain.shape, gain, eps)
 
 
 class _SwiGLU:
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul (gate_up [2I, H], gate rows first)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, dtype):
-        self.gate_up, self.down = _Weight(torch.cat((gate, up)), dtype), _Weight(down, dtype)
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, dtype):
+        self.gate_up, self.down = _Weight(gate_up, dtype), _Weight(down, dtype)
 
     def __call__(self, x):
         gate, up = self.gate_up(x).chunk(2, -1)
@@ -242,58 +259,33 @@ class _SwiGLU:
 
 
 class _FastLayer:
-    """One decoder layer with absorbed-MLA weights folded once (see FastForward)."""
+    """One decoder layer with absorbed-MLA weights folded once (decode.fold_layer; see FastForward)."""
 
-    def __init__(self, layer, dtype):
-        a = layer.self_attn
-        nh, dn, dr, dv, dc = a.nh, a.dn, a.dr, a.dv, a.dc
-        self.layer, self.layer_idx, self.nh, self.dc, self.dr = layer, layer.layer_idx, nh, dc, dr
-        w = a.kv_b_proj.weight.detach().view(nh, dn + dv, dc)
-        w_uk, w_uv = w[:, :dn], w[:, dn:]  # [nh, dn, dc], [nh, dv, dc]
-        q_proj = a.q_proj if hasattr(a, "q_proj") else a.q_b_proj
-        wq = q_proj.weight.detach().view(nh, dn + dr, -1)  # [nh, dn+dr, q_in]
-        # q_lat = W_UK^T q_nope = (W_UK^T W_q_nope) x: one projection straight into latent space, the softmax
-        # scale folded in too -> per head [dc + dr] rows
-        wq_lat = torch.einsum("hdc,hdi->hci", w_uk, wq[:, :dn])
-        wq = (torch.cat((wq_lat, wq[:, dn:]), 1) * a.scale).reshape(nh * (dc + dr), -1)
-        # out = o_proj(W_UV o_lat) = (W_o W_UV) o_lat
-        self.w_o = _Weight(torch.einsum("ohd,hdc->ohc", a.o_proj.weight.detach().view(-1, nh, dv), w_uv)
-                           .reshape(-1, nh * dc), dtype)
-        kv_a = a.kv_a_proj_with_mqa.weight.detach()
-        if hasattr(a, "q_proj"):  # no q LoRA: the query and the latent come from one matmul of x
-            self.q_norm, self.w_q = None, None
-            self.w_in = _Weight(torch.cat((wq, kv_a)), dtype)
-            self.split = [nh * (dc + dr), dc, dr]
-        else:  # q LoRA: x -> [c_q ; c_kv ; k_rot] in one matmul, then c_q -> q
-            self.q_norm, self.w_q = a.q_a_layernorm, _Weight(wq, dtype)
-            self.w_in = _Weight(torch.cat((a.q_a_proj.weight.detach(), kv_a)), dtype)
-            self.split = [a.q_a_proj.weight.shape[0], dc, dr]
-        self.kv_norm = a.kv_a_layernorm
-        mlp = layer.mlp
-        self.moe = mlp if isinstance(mlp, MoE) else None
-        dense = mlp.shared_experts if self.moe is not None else mlp
-        self.dense = _SwiGLU(dense.gate_proj.weight, dense.up_proj.weight, dense.down_proj.weight, dtype) \
-            if dense is not None else None
-        if self.moe is not None:
-            ex = self.moe.experts
-            self.experts = [_SwiGLU(*ex.gate_up_proj[e].detach().chunk(2), ex.down_proj[e], dtype)
-                            for e in range(ex.gate_up_proj.shape[0])]
+    def __init__(self, p: LayerWeights, layer_idx: int, dtype, cfg):
+        self.p, self.layer_idx, self.cfg = p, layer_idx, cfg
+        self.w_in, self.w_o = _Weight(p.w_in, dtype), _Weight(p.w_o, dtype)
+        self.w_q = _Weight(p.w_q, dtype) if p.w_q is not None else None
+        self.dense = _SwiGLU(p.gate_up, p.down, dtype) if p.gate_up is not None else None
+        if p.router is not None:
+            self.experts = [_SwiGLU(gu, dn, dtype) for gu, dn in zip(p.experts_gate_up, p.experts_down)]
             # all experts stacked for the padded batched path: [E, H, 2I] and [E, I, H]
-            self.stacked = (ex.gate_up_proj.detach().transpose(1, 2).to(dtype).contiguous(),
-                            ex.down_proj.detach().transpose(1, 2).to(dtype).contiguous())
+            self.stacked = (p.experts_gate_up.transpose(1, 2).contiguous(), p.experts_down.transpose(1, 2).contiguous())
 
     def __call__(self, h, rot, bias, cache):
-        h = h + self.attention(_norm(self.layer.input_layernorm, h), rot, bias, cache)
-        return h + self.ffn(_norm(self.layer.post_attention_layernorm, h))
+        p = self.p
+        h = h + self.attention(_norm(h, p.norm1, p.eps), rot, bias, cache)
+        return h + self.ffn(_norm(h, p.norm2, p.eps))
 
     def attention(self, x, rot, bias, cache):
         B, S, _ = x.shape
-        nh, dc, dr = self.nh, self.dc, self.dr
-        a, c_kv, k_rot = self.w_in(x).split(self.split, -1)
-        q = a if self.w_q is None else self.w_q(_norm(self.q_norm, a))
+        p = self.p
+        nh, dc, dr = p.nh, p.dc, p.dr
+        a, c_kv, k_rot = self.w_in(x).split(p.split, -1)
+        q = a if self.w_q is None else self.w_q(_norm(a, p.q_norm, p.latent_eps))
         q_lat, q_rot = q.view(B * S, nh, dc + dr).split([dc, dr], -1)
         k_rot = torch.bmm(k_rot.reshape(B * S, 1, dr), rot).view(B, S, dr)
-        latent, _ = cache.update(self.layer_idx, torch.cat((_norm(self.kv_norm, c_kv), k_rot), -1))  # [B, T, dc+dr]
+        latent = torch.cat((_norm(c_kv, p.kv_norm, p.latent_eps), k_rot), -1)
+        latent, _ = cache.update(self.layer_idx, latent)  # [B, T, dc+dr]
         q = torch.cat((q_lat, torch.bmm(q_rot, rot)), -1).view(B, S * nh, dc + dr)
         # MQA over the latent: every head attends to the same [c_kv ; k_rot]; the value is c_kv itself
         scores = torch.bmm(q, latent.transpose(1, 2)).view(B, S, nh, -1) + bias  # bias [B, S, 1, T]
@@ -304,8 +296,8 @@ class _FastLayer:
         B, S, H = x.shape
         xf = x.view(B * S, H)
         y = self.dense(xf) if self.dense is not None else torch.zeros_like(xf)  # dense MLP or shared experts
-        if self.moe is not None:
-            weights, idx, _ = self.moe.gate(xf)  # the model's own router: the same experts are chosen
+        if self.p.router is not None:
+            weights, idx, _ = route(xf, self.p.router, self.p.bias, self.cfg)  # the model's routing
             if B * S == 1:  # one token: run its K experts directly
                 for e, w in zip(idx[0].tolist(), weights[0]):
                     y = y + self.experts[e](xf) * w
@@ -339,7 +331,7 @@ class _FastLayer:
         return torch.bmm(F.silu(gate) * up, down).view(E * cap, H)[slot].to(xs.dtype)
 
 
-class FastForward:
+class FastForward(_Forward):
     """The absorbed MLA forward (model.hidden(absorb=True)) with weights prepared for decoding.
 
     At batch 1 decoding is bound by per-op overhead and by reading weights, not by FLOPs, so: W_UK and the
@@ -351,18 +343,21 @@ class FastForward:
     in float32.
 
     The weights are copies (about one more model in memory), taken when built: `stale()` tells when the
-    model's parameters changed since (RL updates them), and the Engine then rebuilds.
+    model's parameters changed since (RL updates them), and the Engine then rebuilds. compile: decode() and
+    mtp_decode() run the same folded weights through decode.CompiledSteps (prefill stays here); if torch.compile
+    fails (no C++ compiler, say), it says why once and decodes eagerly.
     """
 
-    def __init__(self, model: NanoSeek, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: NanoSeek, dtype: torch.dtype = torch.float32, compile: bool = False):
         self.model = model
         self.versions = self._versions()
-        with torch.no_grad():
-            self.layers = [_FastLayer(layer, dtype) for layer in model.model.layers]
-            self.mtp = _FastLayer(model.mtp[0].block, dtype) if len(model.mtp) else None
-            self.head = _Weight(model.lm_head.weight, dtype)
-            if self.mtp is not None:
-                self.eh_proj = _Weight(model.mtp[0].eh_proj.weight, dtype)
+        w = self.w = fold_model(model, dtype)
+        L = len(w.layers)
+        self.layers = [_FastLayer(p, i, dtype, model.config) for i, p in enumerate(w.layers)]
+        self.mtp = _FastLayer(w.mtp.layer, L, dtype, model.config) if w.mtp else None
+        self.head = _Weight(w.head, dtype)
+        self.eh_proj = _Weight(w.mtp.eh_proj, dtype) if w.mtp else None
+        self.compiled = CompiledSteps(w) if compile else None
 
     def _versions(self):
         return [p._version for p in self.model.parameters()]
@@ -385,23 +380,46 @@ class FastForward:
 
     def hidden(self, ids, positions, cache):
         rot, bias = self._rope(positions, cache)
-        h = self.model.model.embed_tokens(ids).float()  # the residual stream is float32 whatever the model's dtype
+        h = self.w.embed[ids].float()  # the residual stream is float32 whatever the model's dtype
         for layer in self.layers:
             h = layer(h, rot, bias, cache)
-        return _norm(self.model.model.norm, h)
+        return _norm(h, self.w.norm, self.w.layers[0].eps)
 
     def mtp_hidden(self, h_prev, next_ids, positions, cache):
         rot, bias = self._rope(positions, cache)
-        m = self.model.mtp[0]
-        emb = self.model.model.embed_tokens(next_ids).float()
-        x = self.eh_proj(torch.cat((_norm(m.enorm, emb), _norm(m.hnorm, h_prev.float())), -1))
+        m = self.w.mtp
+        emb = _norm(self.w.embed[next_ids].float(), m.enorm, m.eps)
+        x = self.eh_proj(torch.cat((emb, _norm(h_prev.float(), m.hnorm, m.eps)), -1))
         return self.mtp(x, rot, bias, cache)
 
     def logits(self, h):
         return self.head(h).float()
 
     def mtp_logits(self, h):
-        return self.head(_norm(self.model.mtp[0].norm, h)).float()
+        return self.head(_norm(h, self.w.mtp.norm, self.w.mtp.eps)).float()
+
+    def decode(self, ids, positions, cache):
+        if self.compiled is not None:
+            try:
+                return self.compiled.main(ids, cache)
+            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler here: say why, decode eagerly
+                self._without_compile(e)
+        return super().decode(ids, positions, cache)
+
+    def mtp_decode(self, h_prev, next_ids, positions, cache):
+        if self.compiled is not None:
+            try:
+                return self.compiled.mtp(h_prev, next_ids, cache)
+            except Exception as e:  # noqa: BLE001
+                self._without_compile(e)
+        return super().mtp_decode(h_prev, next_ids, positions, cache)
+
+    def _without_compile(self, error: Exception) -> None:
+        """torch.compile failed (a graph writes the cache only for the positions the eager step rewrites): decode
+        eagerly from now on."""
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"nanoseek: torch.compile failed ({reason}); decoding without it", file=sys.stderr)
+        self.compiled = None
 
 
 @dataclass
@@ -460,12 +478,13 @@ class Engine:
     torch.float32 (exact) or torch.bfloat16 (see _Weight). speculative: draft one token per step
     with the first MTP module and verify it with the main model in the same forward as the next token.
     max_prefill_tokens bounds one prefill (requests beyond it start at the next steps; a longer prompt alone
-    still runs).
+    still runs). compile: decode steps through torch.compile (decode.py; the "fast" impl of an MLA model only;
+    each of its few graphs compiles on first use).
     """
 
     def __init__(self, model: NanoSeek, max_batch: int = 8, max_len: int | None = None, cache_dtype=None,
                  impl: str = "fast", speculative: bool = False, dtype: torch.dtype = torch.float32,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 4096, compile: bool = False):
         cfg = model.config
         if impl not in IMPLS:
             raise UserError(f"unknown engine impl {impl!r}; choose one of {', '.join(IMPLS)}")
@@ -479,7 +498,9 @@ class Engine:
             raise UserError(f"max_batch={max_batch} must be >= 1")
         if dtype not in (torch.float32, torch.bfloat16):
             raise UserError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
-        self.model, self.impl, self.speculative, self.dtype = model, impl, speculative, dtype
+        if compile and (impl != "fast" or cfg.attention_type != "mla"):
+            raise UserError('compile needs impl="fast" and an MLA model')
+        self.model, self.impl, self.speculative, self.dtype, self.compile = model, impl, speculative, dtype, compile
         self.max_prefill_tokens = max_prefill_tokens
         device = model.lm_head.weight.device
         dtype = cache_dtype or model.lm_head.weight.dtype
@@ -497,8 +518,16 @@ class Engine:
 
     def _make_forward(self):
         if self.impl == "fast" and self.model.config.attention_type == "mla":
-            return FastForward(self.model, self.dtype)
+            return FastForward(self.model, self.dtype, self.compile)
         return _ModelForward(self.model, absorb=self.impl != "naive")
+
+    def warm_up(self) -> None:
+        """Decode a few tokens alone and in a batch, so that torch.compile builds its graphs now rather than
+        during the first requests (a no-op cost without compile: a few milliseconds)."""
+        params = SamplingParams(temperature=0, max_new_tokens=4)
+        for n in range(1, min(self.cache.max_batch, SMALL + 1) + 1):  # the graphs for 1, 2 and more tokens
+            self.generate([[0, 1]] * n, params)
+        self.stats = {"drafted": 0, "accepted": 0}
 
     # -- requests
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> int:
@@ -617,9 +646,9 @@ class Engine:
         slots = [s.slot for s in seqs]
         ids = torch.tensor([[s.last] for s in seqs], device=self.cache.device)
         positions = self.cache.begin(slots, 1)
-        h = self.forward.hidden(ids, positions, self.cache)
+        _, logits = self.forward.decode(ids, positions, self.cache)
         self.cache.advance(slots, [1] * len(seqs))
-        tokens, logprobs = self._sample(self.forward.logits(h[:, 0]), seqs)
+        tokens, logprobs = self._sample(logits[:, 0], seqs)
         events = []
         for seq, t, lp in zip(seqs, tokens, logprobs):
             events += self._emit(seq, [t], [lp])
@@ -670,9 +699,9 @@ class Engine:
             h_prev[b, : n[b]] = s.mtp_h
             next_ids[b, : n[b]] = torch.tensor(s.mtp_ids)
         positions = self.mtp_cache.begin(slots, S)
-        hm = fwd.mtp_hidden(h_prev, next_ids.to(device), positions, self.mtp_cache)
+        _, q_logits = fwd.mtp_decode(h_prev, next_ids.to(device), positions, self.mtp_cache)
         self.mtp_cache.advance(slots, n)
-        q_logits = fwd.mtp_logits(hm[torch.arange(B), torch.tensor(n, device=device) - 1])  # [B, V]
+        q_logits = q_logits[torch.arange(B), torch.tensor(n, device=device) - 1]  # [B, V]
         drafts = q_logits.argmax(-1)
         q_probs = {}
         for b, s in enumerate(seqs):
@@ -682,8 +711,7 @@ class Engine:
         # 2. the main model verifies: logits at [t_n, draft] predict tokens n+1 and n+2
         ids = torch.stack((torch.tensor([s.last for s in seqs], device=device), drafts), 1)  # [B, 2]
         positions = self.cache.begin(slots, 2)
-        h = fwd.hidden(ids, positions, self.cache)  # [B, 2, H]
-        logits = fwd.logits(h)  # [B, 2, V]
+        h, logits = fwd.decode(ids, positions, self.cache)  # [B, 2, H], [B, 2, V]
         best = logits.argmax(-1)  # [B, 2]
         logp = logits.log_softmax(-1)
         drafts_l, best_l = drafts.tolist(), best.tolist()

@@ -208,21 +208,27 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, H] -> weights [N, K] fp32, expert ids [N, K], scores [N, E] fp32."""
-        cfg, N = self.cfg, x.shape[0]
-        with _no_autocast(x.device.type):
-            scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        choice = scores + self.e_score_correction_bias.float()
-        if cfg.n_group > 1:  # keep the topk_group groups whose two best experts score highest
-            groups = choice.view(N, cfg.n_group, -1)
-            group_score = groups.topk(2, dim=-1).values.sum(-1)  # [N, n_group]
-            keep = torch.zeros_like(group_score, dtype=torch.bool)
-            keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
-            choice = groups.masked_fill(~keep[..., None], float("-inf")).view(N, -1)
-        idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
-        weights = scores.gather(1, idx)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, idx, scores
+        return route(x, self.weight, self.e_score_correction_bias, self.cfg)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig):
+    """The router's math, also traced by the compiled decode steps (decode.py): sigmoid scores in fp32, the
+    bias added for the choice only, group-limited top-k, normalised and scaled weights."""
+    N = x.shape[0]
+    with _no_autocast(x.device.type):
+        scores = F.linear(x.float(), weight.float()).sigmoid()
+    choice = scores + bias.float()
+    if cfg.n_group > 1:  # keep the topk_group groups whose two best experts score highest
+        groups = choice.view(N, cfg.n_group, -1)
+        group_score = groups.topk(2, dim=-1).values.sum(-1)  # [N, n_group]
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
+        choice = groups.masked_fill(~keep[..., None], float("-inf")).view(N, -1)
+    idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+    weights = scores.gather(1, idx)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, idx, scores
 
 
 class Experts(nn.Module):

@@ -14,6 +14,7 @@ The text between <think> and </think> is returned as `reasoning_content`, the re
 DeepSeek's own API does. Errors are OpenAI error objects: {"error": {"message", "type", "param", "code"}}.
 """
 
+import argparse
 import asyncio
 import hmac
 import json
@@ -295,6 +296,8 @@ class Server:
             raise UserError("serving needs a tokenizer.json next to the model")
         self.name, self.tokenizer, self.api_key, self.max_body_bytes = name, tokenizer, api_key, max_body_bytes
         self.engine = Engine(model, max_batch=max_batch, **(engine_kwargs or {}))
+        if self.engine.compile:  # before the engine thread starts: it owns the engine from then on
+            self.engine.warm_up()
         self.loop = EngineLoop(self.engine, max_queue)
         self.created = int(time.time())
 
@@ -597,6 +600,9 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="sequences waiting beyond that before 429")
     p.add_argument("--max-body-kb", type=int, default=1024, help="request body limit in KiB (default: 1024)")
     p.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode through torch.compile (default: on; the graphs compile before the server listens, "
+                        "~1 min the first time, seconds once torch has cached them)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="matmul weights of the engine's fast path (default: bfloat16; on this CPU ~1.7x the "
                         "float32 throughput at batch 32, ~15%% slower for a single stream; float32 is exact)")
@@ -619,9 +625,12 @@ def build_server(args) -> Server:
     torch.set_num_threads(args.threads)
     model, tokenizer = load(args.path, pick_device(args.device))
     name = args.name or Path(args.path).resolve().name
+    if args.compile:
+        print("compiling the decode steps (torch.compile; --no-compile skips it) ...", flush=True)
     return Server(model, tokenizer, name, api_key=args.api_key or None, max_batch=args.max_batch,
                   max_queue=args.max_queue, max_body_bytes=args.max_body_kb * 1024,
-                  engine_kwargs={"speculative": args.speculative, "dtype": getattr(torch, args.dtype)})
+                  engine_kwargs={"speculative": args.speculative, "dtype": getattr(torch, args.dtype),
+                                 "compile": args.compile})
 
 
 def _listen(host: str, port: int):

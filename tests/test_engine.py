@@ -2,11 +2,13 @@
 fast, batched == one by one, continuous batching == isolated runs, speculative == greedy), sampling,
 stopping, log-probs and bad input."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from nanoseek import decode
 from nanoseek.config import preset
 from nanoseek.engine import Engine, KVCache, SamplingParams
 from nanoseek.errors import UserError
@@ -294,6 +296,58 @@ def test_speculative_sampling_keeps_the_target_distribution(model):
         ok, first, _ = e._verify_sampled(seq, d, q, logits)
         counts[d if ok else first] += 1
     assert (counts / counts.sum() - p).abs().max() < 0.03
+
+
+# --- decode steps through torch.compile (decode.py): each graph compiles once per session (~10-20 s here)
+
+def test_compiled_decoding_equals_eager_alone_and_batched(trained):
+    """One sequence (one token per step: fused-reduction graph) and three (GEMM graph, all experts batched)."""
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9]]
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    eager = Engine(trained, max_batch=3).generate(prompts, params)
+    for batch in (1, 3):
+        engine = Engine(trained, max_batch=batch, compile=True)
+        out = [c for i in range(0, 3, batch) for c in engine.generate(prompts[i: i + batch], params)]
+        assert [o.tokens for o in out] == [o.tokens for o in eager]
+        for a, b in zip(out, eager):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_compiled_speculative_decoding_equals_plain_greedy(trained):
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9]]
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    plain = [o.tokens for o in Engine(trained, max_batch=3).generate(prompts, params)]
+    for batch in (1, 3):
+        engine = Engine(trained, max_batch=batch, speculative=True, compile=True)
+        out = [c.tokens for i in range(0, 3, batch) for c in engine.generate(prompts[i: i + batch], params)]
+        assert out == plain
+        assert 0 < engine.stats["accepted"] < engine.stats["drafted"]
+
+
+def test_compiled_graphs_follow_retrained_weights_without_recompiling(trained):
+    m = copy.deepcopy(trained)
+    engine = Engine(m, max_batch=1, compile=True)
+    engine.generate([[1, 2]], GREEDY)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert engine.generate([[1, 2]], GREEDY)[0].tokens == greedy_reference(m, [1, 2], 12)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compile_falls_back_to_eager_when_the_compiler_fails(trained, monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: no C++ compiler")
+    monkeypatch.setattr(decode, "_graph", lambda fn, small: broken)
+    out = Engine(trained, max_batch=1, compile=True).generate([[1, 2]], GREEDY)[0]
+    assert out.tokens == greedy_reference(trained, [1, 2], 12)
+    assert "no C++ compiler" in capsys.readouterr().err
+
+
+def test_compile_needs_the_fast_mla_path(trained):
+    with pytest.raises(UserError, match="compile"):
+        Engine(trained, impl="naive", compile=True)
 
 
 @pytest.mark.parametrize("kwargs,field", [

@@ -231,7 +231,8 @@ def test_serve_cli_starts_and_answers(tmp_path, model_and_tokenizer):
     model, tok = model_and_tokenizer
     save_model(model, tmp_path / "run" / "base")
     tok.save(tmp_path / "run" / "tokenizer")
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(tmp_path / "run"), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(tmp_path / "run"), "--port", "0",
+                             "--no-compile"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

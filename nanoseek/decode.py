@@ -1,0 +1,270 @@
+"""Decode steps compiled with torch.compile: `Engine(model, compile=True)`, `--compile` on the CLI.
+
+At one or two tokens per step, decoding is bound neither by FLOPs nor by memory bandwidth but by per-operator
+overhead: the engine's eager fast path (engine.FastForward) issues ~1900 ATen calls per token for the 8M
+benchmark model, and each of its linears is a GEMM call that costs ~30 us for a few hundred KB of weights.
+Compiled, a step is one graph: inductor fuses the norms, RoPE, the latent attention and the SwiGLUs into a
+handful of C++ loops, and with one or two tokens every matrix-vector product is written as a fused reduction
+that streams the (fp32 or bf16) weights at cache speed instead of calling GEMM (measured on this 2-core CPU:
+3.9 -> ~0.8 ms per token). From three tokens on (batches, speculative verification of batches) the linears
+go back to GEMM, and the routed experts run as two batched matmuls over all experts and all tokens, each
+expert's output weighted by the router (zero for the experts a token did not choose): exact, no
+data-dependent shapes, E/K times the routed FLOPs.
+
+Shapes are static except the number of tokens (from three on) and the key length, so four graphs serve a
+whole session (main model and MTP module, few tokens and many); each compiles on first use (~15-30 s on two
+cores, a few seconds once torch's on-disk cache has it). Prefill stays eager. The weights are folded once for
+absorbed MLA (the same folding as the eager fast path) and passed to the graphs as inputs, so refolded weights
+after training reuse the compiled graphs.
+
+Shapes: N tokens (a batch's sequences times the new tokens of each, flattened), T key length, H hidden,
+E routed experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.config import ModelConfig
+from nanoseek.model import MoE, NanoSeek, apply_rope, route
+
+SMALL = 2  # up to this many tokens, linears are fused reductions; beyond, GEMMs
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer folded for absorbed-MLA decoding. Matrices are [out, in] in the decode dtype; norm
+    gains and the router stay fp32."""
+
+    nh: int
+    dc: int
+    dr: int
+    eps: float  # input / post-attention norms
+    latent_eps: float  # c_q and c_kv norms
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    w_in: torch.Tensor  # x -> [q (no q LoRA) or c_q ; c_kv ; k_rot]
+    split: tuple[int, int, int]
+    q_norm: torch.Tensor | None  # q LoRA only
+    w_q: torch.Tensor | None  # q LoRA only: c_q -> q
+    kv_norm: torch.Tensor
+    w_o: torch.Tensor  # W_o W_UV [H, nh * dc]
+    gate_up: torch.Tensor | None  # dense MLP or shared experts [2I, H] (gate rows first)
+    down: torch.Tensor | None  # [H, I]
+    router: torch.Tensor | None  # [E, H]
+    bias: torch.Tensor | None  # [E] e_score_correction_bias
+    experts_gate_up: torch.Tensor | None  # [E, 2I, H]
+    experts_down: torch.Tensor | None  # [E, H, I]
+
+
+def fold_layer(layer, dtype: torch.dtype) -> LayerWeights:
+    """Fold a model's DecoderLayer (MLA) for decoding: per head, q_lat = W_UK^T q_nope = (W_UK^T W_q_nope) x is
+    one projection straight into latent space, the softmax scale folded in (-> [dc + dr] query rows per head);
+    out = o_proj(W_UV o_lat) = (W_o W_UV) o_lat; the first projections of the query and of the latent, which
+    read the same x, are one matrix."""
+    a = layer.self_attn
+    nh, dn, dr, dv, dc = a.nh, a.dn, a.dr, a.dv, a.dc
+    w = a.kv_b_proj.weight.detach().view(nh, dn + dv, dc)
+    w_uk, w_uv = w[:, :dn], w[:, dn:]  # [nh, dn, dc], [nh, dv, dc]
+    lora = not hasattr(a, "q_proj")
+    wq = (a.q_b_proj if lora else a.q_proj).weight.detach().view(nh, dn + dr, -1)  # [nh, dn+dr, q_in]
+    wq_lat = torch.einsum("hdc,hdi->hci", w_uk, wq[:, :dn])
+    wq = (torch.cat((wq_lat, wq[:, dn:]), 1) * a.scale).reshape(nh * (dc + dr), -1)
+    w_o = torch.einsum("ohd,hdc->ohc", a.o_proj.weight.detach().view(-1, nh, dv), w_uv).reshape(-1, nh * dc)
+    kv_a = a.kv_a_proj_with_mqa.weight.detach()
+    w_in = torch.cat((a.q_a_proj.weight.detach() if lora else wq, kv_a))
+    mlp = layer.mlp
+    moe = mlp if isinstance(mlp, MoE) else None
+    dense = moe.shared_experts if moe is not None else mlp
+
+    def mat(t):
+        return t.detach().to(dtype).contiguous() if t is not None else None
+
+    def gain(norm):
+        return norm.weight.detach().float()
+
+    return LayerWeights(
+        nh=nh, dc=dc, dr=dr, eps=layer.input_layernorm.eps, latent_eps=a.kv_a_layernorm.eps,
+        norm1=gain(layer.input_layernorm), norm2=gain(layer.post_attention_layernorm),
+        w_in=mat(w_in), split=(w_in.shape[0] - dc - dr, dc, dr),
+        q_norm=gain(a.q_a_layernorm) if lora else None, w_q=mat(wq) if lora else None,
+        kv_norm=gain(a.kv_a_layernorm), w_o=mat(w_o),
+        gate_up=mat(torch.cat((dense.gate_proj.weight, dense.up_proj.weight))) if dense is not None else None,
+        down=mat(dense.down_proj.weight) if dense is not None else None,
+        router=moe.gate.weight.detach().float() if moe else None,
+        bias=moe.gate.e_score_correction_bias.detach().float() if moe else None,
+        experts_gate_up=mat(moe.experts.gate_up_proj) if moe else None,
+        experts_down=mat(moe.experts.down_proj) if moe else None,
+    )
+
+
+class MTPWeights(NamedTuple):
+    enorm: torch.Tensor
+    hnorm: torch.Tensor
+    eps: float
+    eh_proj: torch.Tensor  # [H, 2H]: [normed embedding ; normed hidden] -> H
+    layer: LayerWeights
+    norm: torch.Tensor  # the shared head's norm
+
+
+class ModelWeights(NamedTuple):
+    cfg: ModelConfig  # routing settings
+    embed: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    layers: tuple[LayerWeights, ...]
+    norm: torch.Tensor
+    head: torch.Tensor  # [V, H]
+    mtp: MTPWeights | None
+
+
+def fold_model(model: NanoSeek, dtype: torch.dtype) -> ModelWeights:
+    # always inference tensors (the engine refolds inside inference mode): the graphs' guards see the same kind
+    with torch.inference_mode():
+        mtp = None
+        if len(model.mtp):
+            m = model.mtp[0]
+            mtp = MTPWeights(enorm=m.enorm.weight.detach().float(), hnorm=m.hnorm.weight.detach().float(),
+                             eps=m.enorm.eps, eh_proj=m.eh_proj.weight.detach().to(dtype).contiguous(),
+                             layer=fold_layer(m.block, dtype), norm=m.norm.weight.detach().float())
+        return ModelWeights(cfg=model.config, embed=model.model.embed_tokens.weight.detach(),
+                            cos=model.rope_cos, sin=model.rope_sin,
+                            layers=tuple(fold_layer(layer, dtype) for layer in model.model.layers),
+                            norm=model.model.norm.weight.detach().float(),
+                            head=model.lm_head.weight.detach().to(dtype).contiguous(), mtp=mtp)
+
+
+# --- the graphs (traced by torch.compile; also runnable eagerly) ------------------------------------------
+
+def _linear(x: torch.Tensor, w: torch.Tensor, small: bool) -> torch.Tensor:
+    """x [N, in] fp32, w [out, in] -> [N, out] fp32. small: a reduction inductor fuses with its neighbours and
+    vectorises (the weight is read once per token, which is all a matrix-vector product needs)."""
+    if small:
+        return (x.unsqueeze(-2) * w.float()).sum(-1)
+    return F.linear(x.to(w.dtype), w).float()
+
+
+def _swiglu(x, gate_up, down, small):
+    gate, up = _linear(x, gate_up, small).chunk(2, -1)
+    return _linear(F.silu(gate) * up, down, small)
+
+
+def _experts(x, weights, idx, gate_up, down, small):
+    """Routed experts: x [N, H], weights/idx [N, K] -> [N, H]."""
+    N, K = idx.shape
+    if small:  # the chosen experts' weights, gathered inside the reductions
+        flat = idx.reshape(-1)
+        xk = x.repeat_interleave(K, 0)  # [N*K, H]
+        gate, up = (xk.unsqueeze(-2) * gate_up[flat].float()).sum(-1).chunk(2, -1)
+        y = ((F.silu(gate) * up).unsqueeze(-2) * down[flat].float()).sum(-1)  # [N*K, H]
+        return (y.view(N, K, -1) * weights.unsqueeze(-1)).sum(1)
+    gate, up = torch.matmul(x.to(gate_up.dtype), gate_up.transpose(1, 2)).chunk(2, -1)  # [E, N, 2I]
+    y = torch.matmul(F.silu(gate) * up, down.transpose(1, 2)).float()  # [E, N, H]
+    dense = torch.zeros(N, gate_up.shape[0], device=x.device).scatter(1, idx, weights)  # [N, E], 0 if not chosen
+    return torch.einsum("ne,enh->nh", dense, y)
+
+
+def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache, small):
+    """One decoder layer for N new tokens: token n is at position pos[n] of cache row rows[n] and sees the keys
+    visible[n] [T]. Writes the tokens' latents into the cache first, so tokens of one sequence see each other."""
+    N = h.shape[0]
+    x = F.rms_norm(h, h.shape[-1:], p.norm1, p.eps)
+    a, c_kv, k_rot = _linear(x, p.w_in, small).split(p.split, -1)
+    if p.w_q is not None:
+        a = _linear(F.rms_norm(a, a.shape[-1:], p.q_norm, p.latent_eps), p.w_q, small)
+    q = a.view(N, p.nh, p.dc + p.dr)
+    q = torch.cat((q[..., : p.dc], apply_rope(q[..., p.dc:], cos[:, None], sin[:, None])), -1)
+    latent = torch.cat((F.rms_norm(c_kv, c_kv.shape[-1:], p.kv_norm, p.latent_eps), apply_rope(k_rot, cos, sin)), -1)
+    cache[rows, pos] = latent.to(cache.dtype)
+    kv = cache[rows, : visible.shape[1]].float()  # [N, T, dc + dr]
+    # MQA over the latent: every head attends to the same [c_kv ; k_rot]; the value is c_kv itself
+    scores = torch.einsum("nhc,ntc->nht", q, kv).masked_fill(~visible[:, None], float("-inf"))
+    o = torch.einsum("nht,ntc->nhc", scores.softmax(-1), kv[..., : p.dc])
+    h = h + _linear(o.reshape(N, -1), p.w_o, small)
+    x = F.rms_norm(h, h.shape[-1:], p.norm2, p.eps)
+    y = _swiglu(x, p.gate_up, p.down, small) if p.gate_up is not None else torch.zeros_like(x)
+    if p.router is not None:
+        weights, idx, _ = route(x, p.router, p.bias, cfg)
+        y = y + _experts(x, weights, idx, p.experts_gate_up, p.experts_down, small)
+    return h + y
+
+
+def _main(w: ModelWeights, ids, rows, pos, visible, caches, small):
+    """-> final-normed hidden states [N, H] and logits [N, V] (fp32)."""
+    cos, sin = w.cos[pos], w.sin[pos]
+    h = w.embed[ids].float()
+    for p, cache in zip(w.layers, caches):
+        h = _layer(p, w.cfg, h, cos, sin, rows, pos, visible, cache, small)
+    h = F.rms_norm(h, h.shape[-1:], w.norm, w.layers[0].eps)
+    return h, _linear(h, w.head, small)
+
+
+def _mtp(w: ModelWeights, h_prev, ids, rows, pos, visible, cache, small):
+    """The MTP module on pairs (h_prev[n], token ids[n]) -> its hidden states [N, H] (before its norm) and the
+    logits of its draft [N, V]."""
+    m = w.mtp
+    cos, sin = w.cos[pos], w.sin[pos]
+    emb = F.rms_norm(w.embed[ids].float(), h_prev.shape[-1:], m.enorm, m.eps)
+    x = _linear(torch.cat((emb, F.rms_norm(h_prev.float(), h_prev.shape[-1:], m.hnorm, m.eps)), -1), m.eh_proj, small)
+    h = _layer(m.layer, w.cfg, x, cos, sin, rows, pos, visible, cache, small)
+    return h, _linear(F.rms_norm(h, h.shape[-1:], m.norm, m.eps), w.head, small)
+
+
+def _main_small(*args):
+    return _main(*args, small=True)
+
+
+def _main_large(*args):
+    return _main(*args, small=False)
+
+
+def _mtp_small(*args):
+    return _mtp(*args, small=True)
+
+
+def _mtp_large(*args):
+    return _mtp(*args, small=False)
+
+
+_GRAPHS: dict = {}  # compiled once per process: refolded weights (new tensors, same shapes) reuse the graphs
+
+
+def _graph(fn, small: bool):
+    if not _GRAPHS:
+        _GRAPHS.update({(_main, True): _main_small, (_main, False): _main_large,
+                        (_mtp, True): _mtp_small, (_mtp, False): _mtp_large})
+        for key, f in _GRAPHS.items():
+            _GRAPHS[key] = torch.compile(f, dynamic=False, fullgraph=True)
+    return _GRAPHS[fn, small]
+
+
+class CompiledSteps:
+    """The engine's decode steps through torch.compile, over folded weights. `main(ids, cache)` and
+    `mtp(h_prev, ids, cache)` take a KVCache after its begin() for ids [B, S]; they return hidden states
+    [B, S, H] and logits [B, S, V] (fp32)."""
+
+    def __init__(self, weights: ModelWeights):
+        self.weights = weights
+
+    def main(self, ids: torch.Tensor, cache):
+        return self._run(_main, ids, cache, [b[0] for b in cache.buffers])
+
+    def mtp(self, h_prev: torch.Tensor, ids: torch.Tensor, cache):
+        return self._run(_mtp, ids, cache, cache.buffers[0][0], h_prev.reshape(-1, h_prev.shape[-1]))
+
+    def _run(self, fn, ids, cache, buffers, *h_prev):
+        B, S = ids.shape
+        rows = cache.rows.repeat_interleave(S)
+        pos, visible = cache.positions.reshape(-1), cache.mask.reshape(B * S, -1)  # [N], [N, T]
+        if visible.shape[1] == 1:  # a one-key graph would be compiled apart (size 1 is specialised): pad
+            visible = F.pad(visible, (0, 1))
+        small = B * S <= SMALL
+        torch._dynamo.maybe_mark_dynamic(visible, 1)
+        inputs = (ids.reshape(-1), rows, pos, visible)
+        if not small:
+            for t in (*h_prev, *inputs):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        h, logits = _graph(fn, small)(self.weights, *h_prev, *inputs, buffers)
+        return h.view(B, S, -1), logits.view(B, S, -1)
