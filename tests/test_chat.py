@@ -57,6 +57,13 @@ def test_generate_json_is_greedy_decoding(run_dir, capsys):
     assert all(lp <= 0 for lp in res["logprobs"])
 
 
+def test_generate_compile_gives_the_same_tokens(run_dir, capsys):
+    d, _, _ = run_dir
+    eager = json.loads(generate(capsys, d, "The king said", "--json").strip().splitlines()[-1])
+    compiled = json.loads(generate(capsys, d, "The king said", "--json", "--compile").strip().splitlines()[-1])
+    assert compiled["tokens"] == eager["tokens"]
+
+
 def test_generate_chat_wraps_the_prompt_in_the_template(run_dir, capsys):
     d, model, tok = run_dir
     res = json.loads(generate(capsys, d, "who are you", "--json", "--chat"))
