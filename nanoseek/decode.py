@@ -5,17 +5,17 @@ overhead: the engine's eager fast path (engine.FastForward) issues ~1900 ATen ca
 benchmark model, and each of its linears is a GEMM call that costs ~30 us for a few hundred KB of weights.
 Compiled, a step is one graph: inductor fuses the norms, RoPE, the latent attention and the SwiGLUs into a
 handful of C++ loops, and with one or two tokens every matrix-vector product is written as a fused reduction
-that streams the (fp32 or bf16) weights at cache speed instead of calling GEMM (measured on this 2-core CPU:
-3.9 -> ~0.8 ms per token). From three tokens on (batches, speculative verification of batches) the linears
-go back to GEMM, and the routed experts run as two batched matmuls over all experts and all tokens, each
-expert's output weighted by the router (zero for the experts a token did not choose): exact, no
-data-dependent shapes, E/K times the routed FLOPs.
+that streams the (fp32 or bf16) weights at cache speed instead of calling GEMM (measured on this 2-core CPU,
+generation end to end: 4.1 -> 1.0-1.3 ms per token). From three tokens on (batches, speculative verification
+of batches) the linears go back to GEMM, and the routed experts run as two batched matmuls over all experts
+and all tokens, each expert's output weighted by the router (zero for the experts a token did not choose):
+exact, no data-dependent shapes, E/K times the routed FLOPs.
 
-Shapes are static except the number of tokens (from three on) and the key length, so four graphs serve a
-whole session (main model and MTP module, few tokens and many); each compiles on first use (~15-30 s on two
-cores, a few seconds once torch's on-disk cache has it). Prefill stays eager. The weights are folded once for
-absorbed MLA (the same folding as the eager fast path) and passed to the graphs as inputs, so refolded weights
-after training reuse the compiled graphs.
+Shapes are static except the number of tokens (from three on) and the key length, so at most six graphs
+serve a whole session (main model and MTP module; one token, two, more); each compiles on first use or in
+Engine.warm_up() (~10-30 s on two cores, a few seconds once torch's on-disk cache has it). Prefill stays
+eager. The weights are folded once for absorbed MLA (the same folding as the eager fast path) and passed to
+the graphs as inputs, so refolded weights after training reuse the compiled graphs.
 
 Shapes: N tokens (a batch's sequences times the new tokens of each, flattened), T key length, H hidden,
 E routed experts, K experts per token.

@@ -268,3 +268,24 @@ def test_requests_from_many_threads_share_one_batch(url):
     assert all(r.status_code == 200 for r in results)
     assert max(seen) >= 4, seen
     assert json.loads(results[0].text)["usage"]["completion_tokens"] >= 1
+
+
+def test_serve_compiles_by_default_but_a_dense_mha_model_decodes_eagerly(tmp_path, model_and_tokenizer):
+    from nanoseek.checkpoint import save_model
+    from nanoseek.cli import build_parser
+    from nanoseek.config import preset
+    from nanoseek.model import NanoSeek
+    from nanoseek.server import build_server
+
+    _, tok = model_and_tokenizer
+    dense = NanoSeek(preset("dense", vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=128, max_position_embeddings=64))
+    save_model(dense, tmp_path / "base")
+    tok.save(tmp_path / "tokenizer")
+    args = build_parser().parse_args(["serve", str(tmp_path), "--port", "0"])
+    assert args.compile
+    server = build_server(args)
+    try:
+        assert not server.engine.compile
+    finally:
+        server.close()
