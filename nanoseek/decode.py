@@ -115,7 +115,8 @@ class ModelWeights(NamedTuple):
     cos: torch.Tensor
     sin: torch.Tensor
     layers: tuple[LayerWeights, ...]
-    norm: torch.Tensor
+    norm: torch.Tensor  # the final norm
+    eps: float
     head: torch.Tensor  # [V, H]
     mtp: MTPWeights | None
 
@@ -132,7 +133,7 @@ def fold_model(model: NanoSeek, dtype: torch.dtype) -> ModelWeights:
         return ModelWeights(cfg=model.config, embed=model.model.embed_tokens.weight.detach(),
                             cos=model.rope_cos, sin=model.rope_sin,
                             layers=tuple(fold_layer(layer, dtype) for layer in model.model.layers),
-                            norm=model.model.norm.weight.detach().float(),
+                            norm=model.model.norm.weight.detach().float(), eps=model.model.norm.eps,
                             head=model.lm_head.weight.detach().to(dtype).contiguous(), mtp=mtp)
 
 
@@ -197,7 +198,7 @@ def _main(w: ModelWeights, ids, rows, pos, visible, caches, small):
     h = w.embed[ids].float()
     for p, cache in zip(w.layers, caches):
         h = _layer(p, w.cfg, h, cos, sin, rows, pos, visible, cache, small)
-    h = F.rms_norm(h, h.shape[-1:], w.norm, w.layers[0].eps)
+    h = F.rms_norm(h, h.shape[-1:], w.norm, w.eps)
     return h, _linear(h, w.head, small)
 
 

@@ -383,7 +383,7 @@ class FastForward(_Forward):
         h = self.w.embed[ids].float()  # the residual stream is float32 whatever the model's dtype
         for layer in self.layers:
             h = layer(h, rot, bias, cache)
-        return _norm(h, self.w.norm, self.w.layers[0].eps)
+        return _norm(h, self.w.norm, self.w.eps)
 
     def mtp_hidden(self, h_prev, next_ids, positions, cache):
         rot, bias = self._rope(positions, cache)
