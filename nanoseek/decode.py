@@ -229,15 +229,14 @@ def _mtp_large(*args):
     return _mtp(*args, small=False)
 
 
+_STEPS = {(_main, True): _main_small, (_main, False): _main_large, (_mtp, True): _mtp_small,
+          (_mtp, False): _mtp_large}
 _GRAPHS: dict = {}  # compiled once per process: refolded weights (new tensors, same shapes) reuse the graphs
 
 
 def _graph(fn, small: bool):
-    if not _GRAPHS:
-        _GRAPHS.update({(_main, True): _main_small, (_main, False): _main_large,
-                        (_mtp, True): _mtp_small, (_mtp, False): _mtp_large})
-        for key, f in _GRAPHS.items():
-            _GRAPHS[key] = torch.compile(f, dynamic=False, fullgraph=True)
+    if (fn, small) not in _GRAPHS:
+        _GRAPHS[fn, small] = torch.compile(_STEPS[fn, small], dynamic=False, fullgraph=True)
     return _GRAPHS[fn, small]
 
 
