@@ -289,3 +289,20 @@ def test_serve_compiles_by_default_but_a_dense_mha_model_decodes_eagerly(tmp_pat
         assert not server.engine.compile
     finally:
         server.close()
+
+
+def test_a_compiled_engine_serves_the_same_answers_to_concurrent_clients(model_and_tokenizer):
+    """serve's default: decode graphs compiled before listening, then driven from the engine thread at batch
+    sizes 1..4 as requests come and go."""
+    model, tok = model_and_tokenizer
+    with serving(Server(model, tok, "tiny", max_batch=4, engine_kwargs={"compile": True})) as u:
+        client = openai.OpenAI(base_url=u + "/v1", api_key="unused", max_retries=0)
+        prompts = ["Good night my lord", "the queen said", "What is 3 + 4?", "Tell me a story", "hello"]
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda p: chat(client, p, temperature=0, max_tokens=12), prompts))
+    stop_ids = turn_end_ids(tok)
+    for p, r in zip(prompts, answers):
+        ids, _ = tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)
+        ref = engine_greedy(model, ids, stop_ids, 12)
+        assert r.choices[0].message.content == split_reasoning(tok.decode([t for t in ref.tokens
+                                                                            if t not in stop_ids]))[1]
