@@ -98,10 +98,12 @@ def test_stop_button_cancels_the_generation(page, model_and_tokenizer):
     model, tok = model_and_tokenizer
     server = Server(model, tok, "tiny", max_batch=2)
     step = server.engine.step
-    server.engine.step = lambda: (time.sleep(0.02), step())[1]  # slow enough to press Stop mid-stream
+    # greedy (sampled answers of this random model sometimes end within a few tokens, before Stop is pressed):
+    # 109 tokens, ~5 s at 0.05 s a step, slow enough to press Stop mid-stream
+    server.engine.step = lambda: (time.sleep(0.05), step())[1]
     with serving(server) as url:
         page.goto(url)
-        settings(page, max_tokens=200)
+        settings(page, max_tokens=200, temperature=0)
         send(page, "Tell me a long story")
         sync_api.expect(page.locator("#stop")).to_be_enabled()
         page.wait_for_function("document.querySelector('.answer') && "
