@@ -111,3 +111,28 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     assert (run / "base" / "checkpoint.safetensors").read_bytes() == before
     assert not [p for p in os.listdir(run / "base") if p.endswith(".tmp")]
     nanoseek("pretrain", "--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY)
+
+
+@pytest.mark.parametrize("name", ["cpu", "dense", "tiny"])
+def test_optimizer_groups(name):
+    """Every parameter in exactly one group; Muon only on hidden matrices other than attention's inputs."""
+    import torch
+
+    from nanoseek.config import preset
+    from nanoseek.model import NanoSeek
+    from nanoseek.optim import ATTENTION_INPUTS, orthogonalize, param_groups
+
+    model = NanoSeek(preset(name))
+    muon, adamw = param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(map(id, muon + adamw)) == sorted(map(id, model.parameters()))
+    muon_modules = {names[id(p)].split(".")[-2] for p in muon}
+    assert all(p.ndim >= 2 for p in muon) and muon_modules.isdisjoint(ATTENTION_INPUTS)
+    assert "o_proj" in muon_modules and not muon_modules & {"embed_tokens", "lm_head", "gate"}
+    adamw_modules = {names[id(p)].split(".")[-2] for p in adamw if p.ndim >= 2}
+    assert adamw_modules - {"embed_tokens", "lm_head", "gate"} == {n.split(".")[-2] for n in names.values()} & set(
+        ATTENTION_INPUTS)
+    assert adamw_modules & {"q_proj", "q_a_proj"}  # every preset has a query projection, trained by AdamW
+    for p in muon:  # the update is near-orthogonal: Newton-Schulz moves the bulk of the singular values near 1
+        s = torch.linalg.svdvals(orthogonalize(torch.randn(getattr(p, "muon_view", p.shape))).float())
+        assert s.max() < 1.3 and s.median() > 0.6, names[id(p)]
