@@ -76,9 +76,8 @@ def param_groups(model) -> tuple[list, list]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        *_, module, _ = name.split(".")
-        hidden_matrix = (p.ndim >= 2 and module not in ATTENTION_INPUTS
-                         and not name.endswith(("embed_tokens.weight", "lm_head.weight", "gate.weight")))
+        module = name.split(".")[-2]
+        hidden_matrix = p.ndim >= 2 and module not in ("embed_tokens", "lm_head", "gate", *ATTENTION_INPUTS)
         if name.endswith("experts.gate_up_proj"):  # gate and up are separate matrices per expert
             E, two_i, H = p.shape
             p.muon_view = (2 * E, two_i // 2, H)
