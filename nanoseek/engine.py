@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nanoseek.decode import SMALL, CompiledSteps, LayerWeights, fold_model
+from nanoseek.decode import BUCKETS, CompiledSteps, LayerWeights, fold_model
 from nanoseek.errors import UserError
 from nanoseek.model import NanoSeek, route
 
@@ -525,8 +525,9 @@ class Engine:
         """Decode a few tokens alone and in a batch, so that torch.compile builds its graphs now rather than
         during the first requests (a no-op cost without compile: a few milliseconds)."""
         params = SamplingParams(temperature=0, max_new_tokens=4)
-        for n in range(1, min(self.cache.max_batch, SMALL + 1) + 1):  # the graphs for 1, 2 and more tokens
-            self.generate([[0, 1]] * n, params)
+        for n in (*BUCKETS, BUCKETS[-1] + 1):  # each bucket's graph, then the GEMM graph of more tokens
+            if n <= self.cache.max_batch:
+                self.generate([[0, 1]] * n, params)
         self.stats = {"drafted": 0, "accepted": 0}
 
     # -- requests

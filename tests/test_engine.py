@@ -300,8 +300,11 @@ def test_speculative_sampling_keeps_the_target_distribution(model):
 
 # --- decode steps through torch.compile (decode.py): each graph compiles once per session (~10-20 s here)
 
-def test_compiled_decoding_equals_eager_alone_and_batched(trained):
-    """One sequence (one token per step: fused-reduction graph) and three (GEMM graph, all experts batched)."""
+@pytest.mark.parametrize("buckets", [decode.BUCKETS, (1,)])
+def test_compiled_decoding_equals_eager_alone_and_batched(trained, buckets, monkeypatch):
+    """One sequence and three: fused-reduction graphs (three padded to the bucket of four), and with buckets
+    (1,) three take the GEMM graph (all experts batched)."""
+    monkeypatch.setattr(decode, "BUCKETS", buckets)
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9]]
     params = SamplingParams(temperature=0, max_new_tokens=20)
     eager = Engine(trained, max_batch=3).generate(prompts, params)
