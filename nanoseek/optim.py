@@ -11,6 +11,11 @@ Why attention's inputs take AdamW: measured on the default corpus (150 steps of 
 schedule, val bits per byte), moving them from Muon to AdamW improved the dense preset 1.3865 -> 1.3685 and
 the cpu preset without MTP 1.408 -> 1.355; MLA suffered most (its keys and values are the product of two
 low-rank factors, kv_b_proj and kv_a_proj_with_mqa, both of which Muon moved at full spectral step).
+
+Muon's default rate depends on the model (default_muon_lr): 0.005 with routed experts, 0.01 dense. Measured
+the same way (150 steps, val bits per byte), Muon rate 0.02 / 0.01 / 0.005: cpu preset 1.3507 / 1.3175 / 1.3027,
+dense preset 1.3685 / 1.3552 / 1.3785; and in the 240 s race of the two presets (bench/pretrain.py's P2)
+cpu 1.2042 -> 1.1457 going from 0.02 to 0.005.
 """
 
 from __future__ import annotations
@@ -85,12 +90,19 @@ def param_groups(model) -> tuple[list, list]:
     return muon, adamw
 
 
+def default_muon_lr(model) -> float:
+    """Muon's rate for a model (see the module docstring): lower with routed experts, whose matrices each see
+    only the tokens routed to them."""
+    return 0.005 if model.moe_layers() else 0.01
+
+
 class Optimizers:
     """Muon + AdamW (or AdamW alone) stepped together; `set_lr(scale)` applies the schedule to both."""
 
-    def __init__(self, model, kind: str = "muon", lr: float = 3e-3, muon_lr: float = 0.02,
+    def __init__(self, model, kind: str = "muon", lr: float = 3e-3, muon_lr: float | None = None,
                  weight_decay: float = 0.0, betas=(0.9, 0.95)):
         muon, adamw = param_groups(model)
+        muon_lr = muon_lr or default_muon_lr(model)
         fused = {"fused": True} if next(model.parameters()).is_cuda else {}
         if kind == "muon":
             self.opts = [Muon(muon, lr=muon_lr, weight_decay=weight_decay),
