@@ -91,7 +91,8 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0
     """alpha of the sequence-wise balance loss (1e-4 in V3; 0 disables it)."""
     bias_update_speed: float = 0.001
-    """gamma of the auxiliary-loss-free balancing: the expert bias moves by this after each step."""
+    """gamma of the auxiliary-loss-free balancing: the expert bias moves by this after each step. V3's 0.001
+    suits its ~10^5 steps; the cpu preset's runs of a few hundred steps need 0.01 (see PRESETS)."""
     extra: dict = field(default_factory=dict)
     """Unknown keys read from a JSON file, kept so that a round trip loses nothing."""
 
@@ -207,6 +208,9 @@ class ModelConfig:
 
 # Presets. `cpu` is the speedrun model, `dense` the same width and depth with standard MHA and one dense
 # SwiGLU MLP per layer (the ablation baseline); `tiny` is for tests.
+# cpu's bias_update_speed: in the 240 s race (bench/pretrain.py's P2), V3's 0.001 left the busiest expert of
+# a layer with 3-5x the mean load throughout (1.4-1.9x with 0.01 or 0.03) and val bits per byte 1.1457 vs
+# 1.1384 (0.01) and 1.1371 (0.03).
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, q_lora_rank=32,
@@ -219,6 +223,7 @@ PRESETS: dict[str, dict] = {
         kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, intermediate_size=768,
         moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1,
         first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=1024,
+        bias_update_speed=0.01,
     ),
     "dense": dict(
         vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, attention_type="mha",
