@@ -120,7 +120,7 @@ def test_optimizer_groups(name):
 
     from nanoseek.config import preset
     from nanoseek.model import NanoSeek
-    from nanoseek.optim import ATTENTION_INPUTS, orthogonalize, param_groups
+    from nanoseek.optim import ATTENTION_INPUTS, Optimizers, orthogonalize, param_groups
 
     model = NanoSeek(preset(name))
     muon, adamw = param_groups(model)
@@ -136,3 +136,7 @@ def test_optimizer_groups(name):
     for p in muon:  # the update is near-orthogonal: Newton-Schulz moves the bulk of the singular values near 1
         s = torch.linalg.svdvals(orthogonalize(torch.randn(getattr(p, "muon_view", p.shape))).float())
         assert s.max() < 1.3 and s.median() > 0.6, names[id(p)]
+    # Muon's rate: the measured default for the model (lower with routed experts) unless given
+    rate = 0.005 if name in ("tiny", "cpu") else 0.01
+    assert Optimizers(model).opts[0].param_groups[0]["lr"] == rate
+    assert Optimizers(model, muon_lr=0.02).opts[0].param_groups[0]["lr"] == 0.02
