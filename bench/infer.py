@@ -11,9 +11,9 @@ JSON object.
       cache (per-head K and V at the same head dims); and whether greedy outputs are identical from the latent
       cache (absorbed attention), from per-head K/V expanded out of it (naive) and from full forwards.
   P7  MTP self-speculative decoding on a trained checkpoint (--checkpoint DIR; without it, `nanoseek pretrain`
-      trains the cpu preset on the default corpus for --train-seconds into runs/bench-infer, reused next time),
-      prompts from the held-out end of its corpus: draft acceptance rate and tokens/s vs plain greedy decoding
-      at batch 1 (eager and compiled), and identical outputs.
+      trains the cpu preset with one MTP module on the default corpus for --train-seconds into runs/bench-infer,
+      reused next time), prompts from the held-out end of its corpus: draft acceptance rate and tokens/s vs
+      plain greedy decoding at batch 1 (eager and compiled), and identical outputs.
 
     python bench/infer.py [--checkpoint runs/demo] [--rounds 3] [--new-tokens 64]
 """
@@ -115,10 +115,12 @@ def trained_checkpoint(args) -> str:
         return args.checkpoint
     run = Path("runs/bench-infer")
     if not (run / "base" / "model.safetensors").exists():
-        print(f"P7: training the cpu preset for {args.train_seconds:.0f} s into {run} ...", flush=True)
+        print(f"P7: training the cpu preset with one MTP module for {args.train_seconds:.0f} s into {run} ...",
+              flush=True)
         subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", "--run", str(run), "--preset", "cpu",
-                        "--seq-len", "128", "--batch-size", "32", "--time-budget", str(args.train_seconds),
-                        "--eval-every", "0", "--eval-tokens", "16384"], check=True, stdout=subprocess.DEVNULL)
+                        "--set", "num_nextn_predict_layers=1", "--seq-len", "128", "--batch-size", "32",
+                        "--time-budget", str(args.train_seconds), "--eval-every", "0", "--eval-tokens", "16384"],
+                       check=True, stdout=subprocess.DEVNULL)
     return str(run)
 
 

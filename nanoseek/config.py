@@ -211,6 +211,11 @@ class ModelConfig:
 # cpu's bias_update_speed: in the 240 s race (bench/pretrain.py's P2), V3's 0.001 left the busiest expert of
 # a layer with 3-5x the mean load throughout (1.4-1.9x with 0.01 or 0.03) and val bits per byte 1.1457 vs
 # 1.1384 (0.01) and 1.1371 (0.03).
+# cpu has no MTP module (num_nextn_predict_layers=0; add one with --set for speculative decoding): in a model of
+# four layers the module is a fifth layer plus a second pass through the 4096-token head and cross-entropy,
+# +42% time per training step (849 vs 597 ms) for 0.5% lower val bits per byte at equal steps (150 steps:
+# 1.3027 vs 1.3091); in the 240 s race it lost 4-5% (1.138-1.148 with it, 1.081-1.092 without). DeepSeek-V3's
+# one MTP module is a small part of a 61-layer model; the gpu preset keeps one.
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, q_lora_rank=32,
@@ -222,7 +227,7 @@ PRESETS: dict[str, dict] = {
         vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, q_lora_rank=None,
         kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, intermediate_size=768,
         moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1,
-        first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=1024,
+        first_k_dense_replace=1, num_nextn_predict_layers=0, max_position_embeddings=1024,
         bias_update_speed=0.01,
     ),
     "dense": dict(
