@@ -15,7 +15,8 @@ low-rank factors, kv_b_proj and kv_a_proj_with_mqa, both of which Muon moved at 
 Muon's default rate depends on the model (default_muon_lr): 0.005 with routed experts, 0.01 dense. Measured
 the same way (150 steps, val bits per byte), Muon rate 0.02 / 0.01 / 0.005: cpu preset 1.3507 / 1.3175 / 1.3027,
 dense preset 1.3685 / 1.3552 / 1.3785; and in the 240 s race of the two presets (bench/pretrain.py's P2)
-cpu 1.2042 -> 1.1457 going from 0.02 to 0.005.
+cpu 1.2042 -> 1.1457 going from 0.02 to 0.005. Rechecked for the cpu preset without its MTP module (400 steps):
+0.005 1.0857, 0.01 1.0959, and 0.01 for all but the experts (0.005) 1.0907.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class Optimizers:
     def __init__(self, model, kind: str = "muon", lr: float = 3e-3, muon_lr: float | None = None,
                  weight_decay: float = 0.0, betas=(0.9, 0.95)):
         muon, adamw = param_groups(model)
-        muon_lr = muon_lr or default_muon_lr(model)
+        muon_lr = default_muon_lr(model) if muon_lr is None else muon_lr
         fused = {"fused": True} if next(model.parameters()).is_cuda else {}
         if kind == "muon":
             self.opts = [Muon(muon, lr=muon_lr, weight_decay=weight_decay),
