@@ -120,7 +120,7 @@ def test_optimizer_groups(name):
 
     from nanoseek.config import preset
     from nanoseek.model import NanoSeek
-    from nanoseek.optim import ATTENTION_INPUTS, Optimizers, orthogonalize, param_groups
+    from nanoseek.optim import ATTENTION_INPUTS, EXPERT_NS_STEPS, Optimizers, orthogonalize, param_groups
 
     model = NanoSeek(preset(name))
     muon, adamw = param_groups(model)
@@ -134,9 +134,20 @@ def test_optimizer_groups(name):
         ATTENTION_INPUTS)
     assert adamw_modules & {"q_proj", "q_a_proj"}  # every preset has a query projection, trained by AdamW
     for p in muon:  # the update is near-orthogonal: Newton-Schulz moves the bulk of the singular values near 1
-        s = torch.linalg.svdvals(orthogonalize(torch.randn(getattr(p, "muon_view", p.shape))).float())
+        steps = getattr(p, "muon_ns_steps", 5)
+        assert (steps == EXPERT_NS_STEPS) == (".experts." in names[id(p)])  # fewer for the routed experts only
+        s = torch.linalg.svdvals(orthogonalize(torch.randn(getattr(p, "muon_view", p.shape)), steps).float())
         assert s.max() < 1.3 and s.median() > 0.6, names[id(p)]
     # Muon's rate: the measured default for the model (lower with routed experts) unless given
     rate = 0.005 if name in ("tiny", "cpu") else 0.01
     assert Optimizers(model).opts[0].param_groups[0]["lr"] == rate
     assert Optimizers(model, muon_lr=0.02).opts[0].param_groups[0]["lr"] == 0.02
+    if name != "dense":  # Muon's step moves a routed expert by its 3-step orthogonalised update, not the 5-step one
+        w = model.model.layers[-1].mlp.experts.gate_up_proj
+        w.grad = torch.randn_like(w)
+        before = w.detach().clone()
+        Optimizers(model).opts[0].step()
+        step = (before - w.detach()) / rate
+        for steps, close in ((EXPERT_NS_STEPS, True), (5, False)):
+            expected = orthogonalize(w.grad.view(w.muon_view), steps).view(w.shape)
+            assert torch.allclose(step, expected, atol=0.02) == close
