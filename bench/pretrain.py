@@ -3,11 +3,12 @@
 P1  nanoGPT race on Tiny Shakespeare (val = last 10% of the file, nanoGPT's split): the training time our
     best CPU configuration needs to reach nanoGPT's final 2.720 bits per character, and the bits per
     character we reach in nanoGPT's 167.8 s.
-P2  DeepSeek (`cpu` preset) vs `dense` preset at equal wall clock on the default corpus: val bits per byte.
+P2  DeepSeek (`cpu` preset) vs `dense` preset at equal wall clock on the default corpus: val bits per byte,
+    the mean over seeds (--p2-seeds, each preset once per seed, interleaved).
 P3  model FLOPs per second over the bf16 matmul peak measured in the same process (cpu preset, P2's run).
 
 Clocks count training steps only (evaluation and checkpointing are excluded and reported apart).
-    python bench/pretrain.py                    # everything (~15 minutes on 2 cores)
+    python bench/pretrain.py                    # everything (~25 minutes on 2 cores)
     python bench/pretrain.py --only p1 --p1-seconds 60
 """
 
@@ -66,18 +67,27 @@ def p1(work: Path, seconds: float, race_seconds: float) -> dict:
             "p1_seconds": round(full["train_time"], 1)}
 
 
-def p2(work: Path, seconds: float) -> dict:
-    out = {"p2_seconds": seconds}
+def p2(work: Path, seconds: float, seeds: int) -> dict:
+    """Each preset once per seed, interleaved (dense, cpu, dense, cpu, ...) so that the machine's drift in speed
+    and the seed's luck fall on both alike; the figures are means over the seeds."""
     common = ["--seq-len", "128", "--batch-size", "32", "--time-budget", str(seconds), "--eval-every", "0"]
-    for name in ("dense", "cpu"):  # the same tokenizer and shards for both (made by the first run)
-        summary, metrics = run(work / "p2", "--preset", name, *common)
-        key = "deepseek" if name == "cpu" else name
-        out[f"p2_bpb_{key}"] = round(summary["val_bpb"], 4)
-        out[f"p2_steps_{key}"] = summary["step"]
-        out[f"p2_tokens_per_s_{key}"] = round(summary["tokens"] / summary["train_time"])
-        mfu = [m["mfu"] for m in metrics if "mfu" in m][1:]  # the first window includes warm-up
-        out[f"p3_mfu_{key}"] = round(statistics.median(mfu), 4) if mfu else None
-        (work / "p2" / "base").rename(work / f"p2_{name}")
+    runs = {"dense": [], "deepseek": []}
+    for seed in range(seeds):
+        for name in ("dense", "cpu"):  # the same tokenizer and shards for all (made by the first run)
+            summary, metrics = run(work / "p2", "--preset", name, "--seed", str(seed), *common)
+            mfu = [m["mfu"] for m in metrics if "mfu" in m][1:]  # the first window includes warm-up
+            runs["deepseek" if name == "cpu" else name].append(
+                {"bpb": summary["val_bpb"], "steps": summary["step"],
+                 "tokens_per_s": summary["tokens"] / summary["train_time"],
+                 "mfu": statistics.median(mfu) if mfu else math.nan})
+            (work / "p2" / "base").rename(work / f"p2_{name}_seed{seed}")
+    out = {"p2_seconds": seconds, "p2_seeds": seeds}
+    for key, rs in runs.items():
+        out[f"p2_bpb_{key}"] = round(statistics.mean(r["bpb"] for r in rs), 4)
+        out[f"p2_bpb_{key}_per_seed"] = [round(r["bpb"], 4) for r in rs]
+        out[f"p2_steps_{key}"] = round(statistics.mean(r["steps"] for r in rs))
+        out[f"p2_tokens_per_s_{key}"] = round(statistics.mean(r["tokens_per_s"] for r in rs))
+        out[f"p3_mfu_{key}"] = round(statistics.mean(r["mfu"] for r in rs), 4)
     out["p2_deepseek_gain"] = round(1 - out["p2_bpb_deepseek"] / out["p2_bpb_dense"], 4)
     out["p3_flops_utilisation_bf16"] = out["p3_mfu_deepseek"]
     out["p3_peak_bf16_tflops"] = round(measured_peak_flops("cpu", "bf16") / 1e12, 3)
@@ -90,6 +100,7 @@ def main():
     ap.add_argument("--p1-seconds", type=float, default=NANOGPT_SECONDS)
     ap.add_argument("--p1-race-seconds", type=float, default=40.0)
     ap.add_argument("--p2-seconds", type=float, default=240.0)
+    ap.add_argument("--p2-seeds", type=int, default=2, help="runs of each preset (one per seed), interleaved")
     ap.add_argument("--work", help="directory for the runs (default: a temporary one)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="nanoseek-bench-"))
@@ -97,7 +108,7 @@ def main():
     if args.only in (None, "p1"):
         result.update(p1(work, args.p1_seconds, args.p1_race_seconds))
     if args.only in (None, "p2"):
-        result.update(p2(work, args.p2_seconds))
+        result.update(p2(work, args.p2_seconds, args.p2_seeds))
     print(json.dumps(result))
 
 
