@@ -64,7 +64,8 @@ def _read_text(path: Path) -> str:
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        for i, line in enumerate(_read_text(path).splitlines()):
+        # split at "\n" only: str.splitlines() would also cut at U+2028 and U+0085, which JSON strings may hold
+        for i, line in enumerate(_read_text(path).split("\n")):
             if not line.strip():
                 continue
             try:
@@ -136,15 +137,17 @@ def encode_documents(tokenizer, docs: list[str], batch_chars: int = 1 << 22) -> 
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     chunks, batch, size = [], [], 0
 
+    bos = np.asarray([tokenizer.bos_id], dtype=dtype)
+
     def flush():
-        for ids in tokenizer.encode_batch([p for _, p in batch]):
+        for (j, _), ids in zip(batch, tokenizer.encode_batch([p for _, p in batch])):
+            if j == 0:  # a document's first piece
+                chunks.append(bos)
             chunks.append(np.asarray(ids, dtype=dtype))
         batch.clear()
 
     for doc in docs:
         for j, piece in enumerate(_pieces(doc)):
-            if j == 0:
-                chunks.append(np.asarray([tokenizer.bos_id], dtype=dtype))
             batch.append((j, piece))
             size += len(piece)
         if size >= batch_chars:

@@ -6,6 +6,7 @@ from helpers import corpus_text
 
 from nanoseek.data import (
     TokenLoader,
+    encode_documents,
     eval_windows,
     load_documents,
     load_tokens,
@@ -34,6 +35,9 @@ def test_reads_txt_jsonl_parquet_dirs_and_globs(tmp_path):
     assert load_documents([str(tmp_path / "a")]) == ["first doc", "fourth", "fifth", "second", "third"]
     assert load_documents([str(tmp_path / "a" / "*.txt")]) == ["first doc"]
     assert len(resolve_sources([str(tmp_path / "**" / "*.jsonl")])) == 1
+    # JSON strings may hold U+2028 and U+0085 unescaped: only "\n" ends a JSONL record
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "line\u2028sep\x85x"}, ensure_ascii=False) + "\r\n")
+    assert load_documents([str(tmp_path / "b.jsonl")]) == ["line\u2028sep\x85x"]
 
 
 @pytest.mark.parametrize("setup,match", [
@@ -47,6 +51,13 @@ def test_bad_corpora_fail_with_a_message(tmp_path, setup, match):
     setup(p)
     with pytest.raises(UserError, match=match):
         load_documents([str(p)])
+
+
+def test_every_document_starts_with_bos_in_the_stream(tok):
+    docs = [corpus_text(5), "short one", corpus_text(900) * 3, "ünï"]  # the third is cut into pieces
+    expected = np.concatenate([[tok.bos_id, *tok.encode(d)] for d in docs])
+    for batch_chars in (1, 100, 1 << 22):  # a flush after every document, after some, at the end only
+        assert encode_documents(tok, docs, batch_chars).tolist() == expected.tolist()
 
 
 def test_split_is_nanogpts_on_one_file():
