@@ -27,27 +27,34 @@ class CheckpointError(UserError):
 
 
 def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path), fsync the file, then rename it over `path` (and fsync the directory)."""
+    """Call write(tmp_path), fsync the file, then rename it over `path` (and fsync the directory). The file gets
+    the usual permissions (0666 less the umask; mkstemp's are 0600); temp files a killed writer left are removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except (OSError, SafetensorError) as e:  # a full disk, a quota, a read-only file system
-        Path(tmp).unlink(missing_ok=True)
         raise CheckpointError(f"could not write {path}: {e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
     finally:
-        os.close(dir_fd)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -91,7 +98,6 @@ def load_model_state(model, tensors: dict[str, torch.Tensor], source: str) -> No
 
 def save_model(model, out_dir: str | Path) -> None:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "model.safetensors", model_state(model), metadata={"format": "pt"})
     atomic_write_text(out / "config.json", json.dumps({"model_type": MODEL_TYPE, **model.config.to_dict()},
                                                       indent=2) + "\n")
@@ -141,17 +147,22 @@ def save_training_state(path: str | Path, model, optimizer_states: list[dict], i
     save_tensors(path, tensors, metadata={"info": json.dumps({**info, "param_groups": groups})})
 
 
-def load_training_state(path: str | Path, model) -> tuple[list[dict], dict]:
-    """Restore the model in place; return (optimizer state dicts, info)."""
+def read_training_info(path: str | Path) -> dict:
+    """The JSON part of a training checkpoint (step, data position, the run's arguments, ...), tensors unread."""
     from safetensors import safe_open
 
     if not Path(path).exists():
         raise CheckpointError(f"no checkpoint to resume from at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            info = json.loads(f.metadata()["info"])
-    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as e:
+            return json.loads(f.metadata()["info"])
+    except (OSError, SafetensorError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def load_training_state(path: str | Path, model) -> tuple[list[dict], dict]:
+    """Restore the model in place; return (optimizer state dicts, info)."""
+    info = read_training_info(path)
     tensors = load_tensors(path)
     load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
     states = [{"state": {}, "param_groups": g} for g in info.pop("param_groups")]

@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"nanoseek {args.verb}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a path that is a file, a directory we may not write, a full disk
+        print(f"nanoseek {args.verb}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"nanoseek {args.verb}: interrupted", file=sys.stderr)
         return 130
