@@ -748,10 +748,17 @@ class Engine:
         many = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(many) != len(prompts):
             raise UserError(f"{len(prompts)} prompts but {len(many)} sampling parameter sets")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, many)]
-        seqs = [self.sequences[i] for i in ids]
-        while any(s.finish_reason is None for s in seqs):
-            self.step()
+        ids = []
+        try:
+            for p, sp in zip(prompts, many):
+                ids.append(self.add_request(p, sp))
+            seqs = [self.sequences[i] for i in ids]
+            while any(s.finish_reason is None for s in seqs):
+                self.step()
+        except BaseException:  # a bad prompt among them, an interrupt: none of this call's requests stays queued
+            for i in ids:
+                self.abort(i)
+            raise
         return [Completion(s.tokens, s.logprobs, s.finish_reason) for s in seqs]
 
     def stream(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Iterator[Event]:

@@ -375,4 +375,6 @@ def test_bad_prompts_and_engine_settings_are_user_errors(model):
         Engine(model, max_len=10_000)
     with pytest.raises(UserError, match="MTP"):
         Engine(random_model(num_nextn_predict_layers=0), speculative=True)
+    with pytest.raises(UserError, match="empty prompt"):  # the valid prompt before it is not left queued
+        e.generate([[1, 2], []])
     assert not e.has_work()
