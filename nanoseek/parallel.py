@@ -57,8 +57,11 @@ def unwrap(model):
 
 
 def all_reduce(t: torch.Tensor, d: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In place; a CPU tensor goes through the device for the collective (NCCL refuses CPU tensors)."""
     if d.world > 1:
-        dist.all_reduce(t, op=op)
+        x = t.to(d.device)
+        dist.all_reduce(x, op=op)
+        t.copy_(x)
     return t
 
 
@@ -66,6 +69,13 @@ def mean(value: float, d: Dist) -> float:
     if d.world == 1:
         return value
     return float(all_reduce(torch.tensor([value], dtype=torch.float64), d)) / d.world
+
+
+def max_over_ranks(values: list[float], d: Dist) -> list[float]:
+    """Each value's maximum over all ranks (for bools: whether any rank has it true)."""
+    if d.world == 1:
+        return values
+    return all_reduce(torch.tensor(values, dtype=torch.float64), d, op=dist.ReduceOp.MAX).tolist()
 
 
 def sync_expert_load(model, d: Dist) -> None:

@@ -26,6 +26,7 @@ from nanoseek.checkpoint import (
     atomic_write_text,
     load_training_state,
     read_config,
+    read_training_info,
     save_model,
     save_training_state,
 )
@@ -139,8 +140,10 @@ def train(args):
     """The whole pretraining run; returns (model, summary dict)."""
     if not args.max_steps and not args.time_budget:
         raise UserError("give --max-steps or --time-budget (or both: whichever ends first)")
-    if args.seq_len < 2 or args.batch_size < 1 or args.grad_accum < 1:
-        raise UserError("--seq-len must be >= 2, --batch-size and --grad-accum >= 1")
+    if args.seq_len < 2 or args.batch_size < 1 or args.grad_accum < 1 or args.log_every < 1:
+        raise UserError("--seq-len must be >= 2, --batch-size, --grad-accum and --log-every >= 1")
+    if (args.max_steps or 0) < 0 or (args.time_budget or 0) < 0 or min(args.eval_every, args.save_every) < 0:
+        raise UserError("--max-steps, --time-budget, --eval-every and --save-every must not be negative")
     if args.threads:
         torch.set_num_threads(args.threads)
     d = parallel.init(pick_device(args.device))
@@ -149,8 +152,8 @@ def train(args):
     torch.manual_seed(args.seed)
     run_dir, stage = Path(args.run), Path(args.run) / "base"
     ckpt_path = stage / "checkpoint.safetensors"
-    if args.resume and not ckpt_path.exists():
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+    if args.resume:
+        _check_resume_arguments(args, read_training_info(ckpt_path).get("args", {}))
 
     # configuration: a resumed run keeps its own; a new one takes preset/config/--set
     if args.resume:
@@ -238,11 +241,22 @@ def train(args):
 
     history = []
     stop = {"signal": None}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal="SIGTERM"))
+
+    def on_signal(signum, _frame):
+        """The first SIGINT/SIGTERM lets the current step finish, then the run saves and stops; a second one
+        stops at once, without saving (the last checkpoint stays)."""
+        if stop["signal"] is not None:
+            raise UserError(f"stopped by a second {signal.Signals(signum).name} before saving; the last checkpoint "
+                            f"in {stage} is kept")
+        stop["signal"] = signal.Signals(signum).name
+        log(f"{stop['signal']}: finishing step {step + 1}, then saving (again to stop without saving)")
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     window_t, window_tokens = time.perf_counter(), 0
     model.train()
     try:
-        while progress() < 1 and stop["signal"] is None:
+        stopping = False
+        while progress() < 1 and not stopping:
             t0 = time.perf_counter()
             opt.set_lr(lr_scale(progress(), args.schedule, args.warmup, args.decay, args.min_lr_ratio))
             losses = torch.zeros(3)
@@ -264,7 +278,11 @@ def train(args):
             load_stats = model.update_expert_bias()
             step += 1
             tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
+            # every rank takes the slowest rank's time (the schedule and the time budget follow it) and stops
+            # after the same step when any rank was signalled
+            dt, stopping = parallel.max_over_ranks([time.perf_counter() - t0, stop["signal"] is not None], d)
+            if stopping and stop["signal"] is None:
+                stop["signal"] = "a signal to another rank"
             train_time += dt
             window_tokens += tokens_per_step
             if not math.isfinite(losses[0]):
@@ -292,9 +310,10 @@ def train(args):
                 log(f"step {step:5d} | val loss {r['val_loss']:.4f} | val bpb {r['val_bpb']:.4f}")
             if args.save_every and step % args.save_every == 0:
                 save()
-    except KeyboardInterrupt:
-        stop["signal"] = "SIGINT"
-    save()
+        save()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     if stop["signal"]:
         log(f"stopped by {stop['signal']} at step {step}; resume with --resume")
         parallel.shutdown(d)
@@ -306,6 +325,19 @@ def train(args):
         f"val bpb {r['val_bpb']:.4f} | saved {stage}")
     parallel.shutdown(d)
     return model, {"step": step, "train_time": train_time, "tokens": tokens_seen, "evals": history, **r}
+
+
+RESUME_FIXED = ("data", "text_field", "val_fraction", "seq_len", "batch_size", "grad_accum", "optimizer")
+"""Arguments a resumed run must keep: they define the data and the meaning of the saved data position, or the
+optimizer state's layout."""
+
+
+def _check_resume_arguments(args, saved: dict) -> None:
+    for name in RESUME_FIXED:
+        if name in saved and getattr(args, name) != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"--resume: {flag} is {getattr(args, name)!r} but the run was started with "
+                            f"{saved[name]!r}; resume with the same value")
 
 
 def _jsonable(d: dict) -> dict:

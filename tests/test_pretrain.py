@@ -65,14 +65,27 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
     killed_at = max(e["step"] for e in metrics(tmp_path / "b"))
     assert killed_at < 40
     nanoseek("pretrain", "--run", tmp_path / "b", "--resume", *args)
-    assert metrics(tmp_path / "a") == metrics(tmp_path / "b") or _same_losses(tmp_path)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b") or _same_losses(tmp_path / "a", tmp_path / "b")
+    # Ctrl-C mid-run: the step in flight finishes, the run saves and exits cleanly; resumed, it is the same run
+    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", tmp_path / "c", *map(str, args)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_path = tmp_path / "c" / "base" / "metrics.jsonl"
+    while not (metrics_path.exists() and metrics_path.read_text()) and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0 and "stopped by SIGINT" in out and "Traceback" not in err, err
+    stopped_at = max(e["step"] for e in metrics(tmp_path / "c"))
+    assert stopped_at < 40
+    nanoseek("pretrain", "--run", tmp_path / "c", "--resume", *args)
+    assert _same_losses(tmp_path / "a", tmp_path / "c")
 
 
-def _same_losses(tmp_path):
+def _same_losses(a, b):
     # timings differ between the runs; every loss, bpb and step must not
     keys = ("step", "loss", "lm_loss", "mtp_loss", "val_loss", "val_bpb", "grad_norm")
     strip = lambda m: [{k: e[k] for k in keys if k in e} for e in m]
-    assert strip(metrics(tmp_path / "a")) == strip(metrics(tmp_path / "b"))
+    assert strip(metrics(a)) == strip(metrics(b))
     return True
 
 
@@ -92,6 +105,8 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     fails("--run", tmp_path / "s", "--data", tmp_path / "short.txt", "--max-steps", 1, *TINY,
           match="fewer than one training sequence")
     fails("--run", tmp_path / "none", "--data", corpus, "--max-steps", 1, "--resume", *TINY, match="no checkpoint")
+    fails("--run", tmp_path / "x", "--data", corpus, "--max-steps", 1, *TINY, "--log-every", 0, match="--log-every")
+    fails("--run", corpus, "--data", corpus, "--max-steps", 1, *TINY, match="Not a directory")  # --run is a file
 
     run = tmp_path / "run"
     nanoseek("pretrain", "--run", run, "--data", corpus, "--max-steps", 4, "--save-every", 2, *TINY)
@@ -103,6 +118,9 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     (other / "tokenizer" / "tokenizer.json").rename(run / "tokenizer" / "tokenizer.json")
     fails("--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY, match="tokenizer")
     (run / "tokenizer.json.bak").rename(run / "tokenizer" / "tokenizer.json")
+    # arguments that fix the data and its saved position
+    fails("--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY, "--seq-len", 16, match="--seq-len")
+    fails("--run", run, "--max-steps", 8, "--resume", *TINY, match="--data")
     # the disk fills up while saving: writes past 64 KB fail with EFBIG, as on a full disk
     limit = lambda: (signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
                      resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024)))
@@ -110,7 +128,12 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
           preexec_fn=limit)
     assert (run / "base" / "checkpoint.safetensors").read_bytes() == before
     assert not [p for p in os.listdir(run / "base") if p.endswith(".tmp")]
+    (run / "base" / ".checkpoint.safetensors.killed.tmp").write_bytes(before)  # left by a writer killed mid-save
     nanoseek("pretrain", "--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY)
+    assert not [p for p in os.listdir(run / "base") if p.endswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "base" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 @pytest.mark.parametrize("name", ["cpu", "dense", "tiny"])
