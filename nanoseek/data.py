@@ -131,6 +131,11 @@ def _pieces(doc: str, size: int = 1 << 16) -> list[str]:
     return out
 
 
+DATA_FORMAT = 2
+"""Version of the shards' layout; shards of another version are tokenized again (1: a batch's <|bos|> tokens
+came before all its documents)."""
+
+
 def encode_documents(tokenizer, docs: list[str], batch_chars: int = 1 << 22) -> np.ndarray:
     """All documents as one token stream, <|bos|> before each. Encoded in batches (tokenizers runs a
     batch on all cores)."""
@@ -165,8 +170,8 @@ def prepare(sources: list[str], tokenizer, out_dir: str | Path, val_fraction: fl
     train_docs, val_docs = split_documents(load_documents(sources, text_field), val_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"sources": [str(s) for s in sources], "val_fraction": val_fraction, "vocab_size": tokenizer.vocab_size,
-            "tokenizer_sha": tokenizer_fingerprint(tokenizer)}
+    meta = {"format": DATA_FORMAT, "sources": [str(s) for s in sources], "val_fraction": val_fraction,
+            "vocab_size": tokenizer.vocab_size, "tokenizer_sha": tokenizer_fingerprint(tokenizer)}
     for split, docs in (("train", train_docs), ("val", val_docs)):
         ids = encode_documents(tokenizer, docs)
         if len(ids) <= min_tokens:
@@ -227,7 +232,8 @@ def ensure_data(args, run_dir: Path, tok, min_tokens: int) -> dict:
     meta_path = data_dir / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if (meta.get("tokenizer_sha") == tokenizer_fingerprint(tok) and meta.get("sources") == sources
+        if (meta.get("format") == DATA_FORMAT and meta.get("tokenizer_sha") == tokenizer_fingerprint(tok)
+                and meta.get("sources") == sources
                 and meta.get("val_fraction") == args.val_fraction
                 and min(meta["train"]["tokens"], meta["val"]["tokens"]) > min_tokens):
             return meta
