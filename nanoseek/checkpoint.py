@@ -7,6 +7,7 @@ A model directory holds `config.json` (ModelConfig, with "model_type": "nanoseek
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -33,7 +34,7 @@ def atomic_write(path: str | Path, write) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
