@@ -63,7 +63,10 @@ class Tokenizer:
         return self.tk.get_vocab_size()
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.tk.encode(text, add_special_tokens=False).ids
+        except TypeError:  # a str tokenizers cannot take: lone surrogates (e.g. from JSON "\ud800")
+            raise UserError("the text is not valid Unicode (it holds a lone surrogate)") from None
         return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -95,7 +98,7 @@ class Tokenizer:
 
     def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         if not self.chat_template:
-            raise UserError("this tokenizer has no chat_template in its tokenizer_config.json: "
+            raise UserError("this tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja): "
                             "chat needs one (plain completions work without)")
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -141,6 +144,8 @@ class Tokenizer:
                 config = json.loads((f.parent / "tokenizer_config.json").read_text())
             except (ValueError, UnicodeDecodeError) as e:
                 raise UserError(f"cannot read {f.parent / 'tokenizer_config.json'}: {e}") from None
+        if "chat_template" not in config and (f.parent / "chat_template.jinja").exists():  # transformers >= 4.5x
+            config["chat_template"] = (f.parent / "chat_template.jinja").read_text()
         try:
             return cls(HFTokenizer.from_file(str(f)), config)
         except Exception as e:  # tokenizers raises its own Exception type for malformed files

@@ -49,3 +49,18 @@ def test_bad_messages_and_sizes(tok):
         t.render_chat([{"role": "robot", "content": "x"}])
     with pytest.raises(UserError, match="too small"):
         train_tokenizer(iter(["abc"]), vocab_size=100)
+
+
+def test_a_foreign_tokenizer_takes_its_chat_template_from_chat_template_jinja(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+
+    foreign = ByteLevelBPETokenizer()
+    foreign.train_from_iterator([corpus_text(20)], vocab_size=300, special_tokens=["</s>"])
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')  # as transformers 5 saves it
+    t = Tokenizer.load(tmp_path)
+    with pytest.raises(UserError, match="no chat_template"):
+        t.render_chat([{"role": "user", "content": "hi"}])
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    ids, _ = Tokenizer.load(tmp_path).render_chat([{"role": "user", "content": "hi"}])
+    assert t.decode(ids) == "[user] hi\n"
