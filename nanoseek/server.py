@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -87,6 +87,9 @@ class EngineLoop:
 
     # called on the event loop
     def submit(self, handle: Handle) -> None:
+        if len(handle.jobs) > self.capacity:
+            raise APIError(400, f"the request asks for {len(handle.jobs)} sequences (prompts x n); this server runs "
+                                f"or queues at most {self.capacity}", param="n", code="too_many_sequences")
         if self.outstanding + len(handle.jobs) > self.capacity:
             raise APIError(429, f"the server is at capacity ({self.capacity} sequences running or queued); "
                                 "retry later", code="queue_full")
@@ -148,7 +151,7 @@ class EngineLoop:
             for index, (prompt, params) in enumerate(handle.jobs):
                 try:
                     rid = self.engine.add_request(prompt, params)
-                except UserError as e:  # checked before submission; kept as a safety net
+                except Exception as e:  # noqa: BLE001 - checked before submission; the engine thread must live on
                     handle.loop.call_soon_threadsafe(handle.events.put_nowait, (index, e))
                     continue
                 handle.request_ids[rid] = index
@@ -313,7 +316,7 @@ class Server:
             raise APIError(400, f"{param}={max_tokens} is too large: the prompt has {prompt_len} tokens and the "
                                 f"context holds {self.engine.max_len}, so at most {room} can be generated",
                            param=param, code="context_length_exceeded")
-        hold = max(map(len, stops), default=0) + 8
+        hold = max((len(s.encode()) for s in stops), default=0) + 8  # a byte-level token holds >= 1 byte
         tokenizer = self.tokenizer
 
         def stop_check(generated: list[int]) -> bool:  # decode only the tail that can hold a new stop string
@@ -385,7 +388,7 @@ def create_app(server: Server):
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException
 
@@ -405,6 +408,10 @@ def create_app(server: Server):
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
         return error(e)
+
+    @app.exception_handler(UserError)
+    async def _user_error(request, e: UserError):  # e.g. sampling parameters the engine refuses
+        return error(APIError(400, str(e)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
@@ -456,15 +463,15 @@ def create_app(server: Server):
     async def chat_completions(request: Request):
         req = await body_of(request, ChatRequest)
         jobs, lens, stops, stop_ids = server.chat_jobs(req)
-        return await respond(req, jobs, lens, stops, stop_ids, chat=True)
+        return await respond(request, req, jobs, lens, stops, stop_ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await body_of(request, CompletionRequest)
         jobs, lens, stops, stop_ids = server.completion_jobs(req)
-        return await respond(req, jobs, lens, stops, stop_ids, chat=False)
+        return await respond(request, req, jobs, lens, stops, stop_ids, chat=False)
 
-    async def respond(req, jobs, lens, stops, stop_ids, chat: bool):
+    async def respond(request, req, jobs, lens, stops, stop_ids, chat: bool):
         handle = Handle(jobs, asyncio.get_running_loop())
         server.loop.submit(handle)
         server.loop.stats["prompt_tokens"] += sum(lens)
@@ -491,8 +498,19 @@ def create_app(server: Server):
                 server.loop.release(handle, finished)
 
         if not req.stream:
-            async for _ in events():
-                pass
+            async def drain():
+                async for _ in events():
+                    pass
+
+            task = asyncio.ensure_future(drain())
+            while not task.done():  # a client that leaves frees its sequences (a stream notices by itself)
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await task
+                    return Response(status_code=499)
+            task.result()  # an APIError of the engine
             choices = []
             for i, t in enumerate(texts):
                 reasoning, content = t.full()

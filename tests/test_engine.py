@@ -357,6 +357,7 @@ def test_compile_needs_the_fast_mla_path(trained):
     (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(seed=2**64), "seed"),
 ])
 def test_invalid_sampling_parameters_are_user_errors(kwargs, field):
     with pytest.raises(UserError, match=field):

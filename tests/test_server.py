@@ -97,6 +97,8 @@ def test_completions_n_seed_and_stop(client, model_and_tokenizer):
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000000}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["", "a"]}', 400, "stop"),
     (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551616}', 400, None),
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages"),
 ])
 def test_bad_requests_get_openai_errors(url, body, status, param):
     r = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
@@ -104,6 +106,29 @@ def test_bad_requests_get_openai_errors(url, body, status, param):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
     assert "Traceback" not in r.text
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_400_and_the_server_lives_on(url):
+    r = httpx.post(url + "/v1/completions", content=b'{"prompt": "\\ud800"}',
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 2, "seed": -(2**63)})
+    assert r.status_code == 200
+
+
+def test_stop_strings_of_multi_byte_characters_are_seen(model_and_tokenizer):
+    from types import SimpleNamespace
+
+    model, tok = model_and_tokenizer
+    server = Server(model, tok, "tiny", max_batch=1)
+    try:
+        req = SimpleNamespace(max_completion_tokens=None, max_tokens=8, temperature=0, top_k=0, top_p=1, seed=None)
+        stop = "🙂🙂🙂"
+        params = server._params(req, 4, [], [stop], 0)
+        generated = tok.encode("a few words " + stop)
+        assert len(tok.encode(stop)) > len(stop) + 8 and params.stop_check(generated)
+    finally:
+        server.close()
 
 
 def test_over_long_prompt_huge_body_and_unknown_route(client, url):
@@ -173,6 +198,21 @@ def test_disconnect_mid_stream_frees_the_slot(model_and_tokenizer, long_request)
         assert sorted(engine.cache.free_slots) == [0, 1] and not engine.running and not engine.sequences
         # the server still works afterwards
         assert httpx.post(u + "/v1/completions", json={"prompt": "The", "max_tokens": 3}).status_code == 200
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_slots(model_and_tokenizer, long_request):
+    model, tok = model_and_tokenizer
+    server = Server(model, tok, "tiny", max_batch=2, max_queue=0)
+    step = server.engine.step
+    server.engine.step = lambda: (time.sleep(0.02), step())[1]  # 240 tokens take ~5 s
+    with serving(server) as u:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(u + "/v1/completions", json={**long_request, "stream": False}, timeout=0.5)
+        m = wait_idle(u, timeout=3)
+        assert m["completion_tokens_total"] < 240 and sorted(server.engine.cache.free_slots) == [0, 1]
+        # more sequences than the server can ever hold: not a 429 to retry
+        r = httpx.post(u + "/v1/completions", json={"prompt": "The", "max_tokens": 2, "n": 3})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_sequences"
 
 
 def test_full_queue_answers_429(model_and_tokenizer):
