@@ -43,7 +43,7 @@ class APIError(Exception):
     """An error answered as an OpenAI error object."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 499: "invalid_request_error",
              429: "rate_limit_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
@@ -242,7 +242,7 @@ class ChoiceText:
 # --- request bodies -----------------------------------------------------------------------------------------------
 
 def _schemas():
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
 
     class StreamOptions(BaseModel):
         include_usage: bool = False
@@ -260,6 +260,14 @@ def _schemas():
         seed: int | None = None
         stream: bool = False
         stream_options: StreamOptions | None = None
+
+        @model_validator(mode="before")
+        @classmethod
+        def _null_is_default(cls, data):  # OpenAI documents these as nullable: null means the default
+            if isinstance(data, dict):
+                return {k: v for k, v in data.items() if not (v is None and k in ("n", "temperature", "top_p",
+                                                                                  "top_k", "stream"))}
+            return data
 
     class Message(BaseModel):
         role: Literal["system", "user", "assistant", "developer"]
@@ -566,10 +574,10 @@ def create_app(server: Server):
 
 
 def _validation_error(errors: list[dict]) -> APIError:
-    """pydantic's first complaint as a 422 naming the field."""
+    """pydantic's first complaint as a 400 naming the field (OpenAI answers invalid values with 400)."""
     first = errors[0]
     where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-    return APIError(422, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where, code="invalid_value")
+    return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where, code="invalid_value")
 
 
 class Guard:
