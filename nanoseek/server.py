@@ -43,7 +43,7 @@ class APIError(Exception):
     """An error answered as an OpenAI error object."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 499: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error",
              429: "rate_limit_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
