@@ -260,6 +260,10 @@ def _schemas():
         seed: int | None = None
         stream: bool = False
         stream_options: StreamOptions | None = None
+        logprobs: bool | int | None = None
+        top_logprobs: int | None = None
+        echo: bool | None = None
+        best_of: int | None = None
 
         @model_validator(mode="before")
         @classmethod
@@ -347,13 +351,19 @@ class Server:
             raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
         return stops
 
-    def _check_model(self, req) -> None:
+    def _check_request(self, req) -> None:
+        unsupported = {"logprobs": req.logprobs is not None and req.logprobs is not False,
+                       "top_logprobs": bool(req.top_logprobs), "echo": bool(req.echo),
+                       "best_of": (req.best_of or 1) > 1}
+        for name, asked in unsupported.items():  # rather than answer without what was asked for
+            if asked:
+                raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported")
         if req.model not in (None, "", self.name):
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
 
     def chat_jobs(self, req):
-        self._check_model(req)
+        self._check_request(req)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)}
                     for m in req.messages]
         try:
@@ -366,7 +376,7 @@ class Server:
         return jobs, [len(ids)], stops, stop_ids
 
     def completion_jobs(self, req):
-        self._check_model(req)
+        self._check_request(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt must be a non-empty string (or a list of them)", param="prompt")

@@ -99,6 +99,7 @@ def test_completions_n_seed_and_stop(client, model_and_tokenizer):
     (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
     (b'{"messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551616}', 400, None),
     (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}', 400, "logprobs"),
 ])
 def test_bad_requests_get_openai_errors(url, body, status, param):
     r = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
@@ -117,6 +118,11 @@ def test_a_lone_surrogate_in_a_prompt_is_a_400_and_the_server_lives_on(url):
     nulls = {"temperature": None, "top_p": None, "n": None, "stream": None}  # nullable in OpenAI's API: defaults
     r = httpx.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 2, **nulls})
     assert r.status_code == 200 and len(r.json()["choices"]) == 1
+    r = httpx.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 2, "logprobs": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                                                       "logprobs": False, "top_logprobs": 0, "best_of": 1})
+    assert r.status_code == 200
 
 
 def test_stop_strings_of_multi_byte_characters_are_seen(model_and_tokenizer):
