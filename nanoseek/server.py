@@ -268,9 +268,9 @@ def _schemas():
         @model_validator(mode="before")
         @classmethod
         def _null_is_default(cls, data):  # OpenAI documents these as nullable: null means the default
+            nullable = ("n", "temperature", "top_p", "top_k", "stream")
             if isinstance(data, dict):
-                return {k: v for k, v in data.items() if not (v is None and k in ("n", "temperature", "top_p",
-                                                                                  "top_k", "stream"))}
+                return {k: v for k, v in data.items() if v is not None or k not in nullable}
             return data
 
     class Message(BaseModel):
