@@ -65,7 +65,10 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = False) -> list[int]:
         try:
             ids = self.tk.encode(text, add_special_tokens=False).ids
-        except TypeError:  # a str tokenizers cannot take: lone surrogates (e.g. from JSON "\ud800")
+        except TypeError:
+            if not isinstance(text, str):
+                raise
+            # a str tokenizers cannot take: lone surrogates (e.g. from JSON "\ud800")
             raise UserError("the text is not valid Unicode (it holds a lone surrogate)") from None
         return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
 

@@ -109,7 +109,7 @@ def test_bad_requests_get_openai_errors(url, body, status, param):
     assert "Traceback" not in r.text
 
 
-def test_a_lone_surrogate_in_a_prompt_is_a_400_and_the_server_lives_on(url):
+def test_surrogates_seeds_null_fields_and_unsupported_fields(url):
     r = httpx.post(url + "/v1/completions", content=b'{"prompt": "\\ud800"}',
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
