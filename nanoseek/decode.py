@@ -9,11 +9,12 @@ that streams the (fp32 or bf16) weights at cache speed instead of calling GEMM (
 generation end to end: 4.1 -> 1.0-1.3 ms per token). Up to 16 tokens (batches, speculative verification) the
 step stays in this form, with the number of tokens padded up to a static bucket (1, 2, 4, 8 or 16: a graph
 specialised to its size runs ~1.7x faster than one dynamic in it; inductor parallelises these reductions over
-the tokens). Beyond 16 the linears go back to GEMM, and the routed experts run as two batched matmuls over all
-experts and all tokens, each expert's output weighted by the router (zero for the experts a token did not
-choose): exact, no data-dependent shapes, E/K times the routed FLOPs. (Measured on the 8M benchmark model,
-greedy tokens/s of B sequences, GEMM form from 3 tokens vs buckets: B=3 583 vs 1287, 4: 805 vs 1701,
-8: 1497 vs 2089, 16: 2455 vs 2834; B=32 takes the GEMM form in both.)
+the tokens). Beyond 16 the linears go back to GEMM (measured on the 8M benchmark model, greedy tokens/s of B
+sequences, GEMM form from 3 tokens vs buckets: B=3 583 vs 1287, 4: 805 vs 1701, 8: 1497 vs 2089, 16: 2455 vs
+2834). The routed experts stay fused reductions at every size, each token-expert pair reading its expert's
+weights: the exact FLOPs. Two batched matmuls over all experts and all tokens (weighted by the router, zero for
+the experts a token did not choose) do E/K times the FLOPs and were slower at every size measured: 32 sequences
+3263 vs 3891 tokens/s (bf16 weights: 3744 vs 4423), 64 sequences 3335 vs 4523 (4381 vs 5760).
 
 Shapes are static except the key length and, beyond the buckets, the number of tokens: at most six graphs per
 module (main model, MTP module) serve a whole session; each compiles on first use or in Engine.warm_up()
@@ -156,19 +157,16 @@ def _swiglu(x, gate_up, down, small):
     return _linear(F.silu(gate) * up, down, small)
 
 
-def _experts(x, weights, idx, gate_up, down, small):
-    """Routed experts: x [N, H], weights/idx [N, K] -> [N, H]."""
+def _experts(x, weights, idx, gate_up, down):
+    """Routed experts: x [N, H], weights/idx [N, K] -> [N, H]. Fused reductions at every token count: each
+    token-expert pair reads its expert's weights, gathered inside the loop (the exact FLOPs, no data-dependent
+    shapes)."""
     N, K = idx.shape
-    if small:  # the chosen experts' weights, gathered inside the reductions
-        flat = idx.reshape(-1)
-        xk = x.repeat_interleave(K, 0)  # [N*K, H]
-        gate, up = (xk.unsqueeze(-2) * gate_up[flat].float()).sum(-1).chunk(2, -1)
-        y = ((F.silu(gate) * up).unsqueeze(-2) * down[flat].float()).sum(-1)  # [N*K, H]
-        return (y.view(N, K, -1) * weights.unsqueeze(-1)).sum(1)
-    gate, up = torch.matmul(x.to(gate_up.dtype), gate_up.transpose(1, 2)).chunk(2, -1)  # [E, N, 2I]
-    y = torch.matmul(F.silu(gate) * up, down.transpose(1, 2)).float()  # [E, N, H]
-    dense = torch.zeros(N, gate_up.shape[0], device=x.device).scatter(1, idx, weights)  # [N, E], 0 if not chosen
-    return torch.einsum("ne,enh->nh", dense, y)
+    flat = idx.reshape(-1)
+    xk = x.repeat_interleave(K, 0)  # [N*K, H]
+    gate, up = (xk.unsqueeze(-2) * gate_up[flat].float()).sum(-1).chunk(2, -1)
+    y = ((F.silu(gate) * up).unsqueeze(-2) * down[flat].float()).sum(-1)  # [N*K, H]
+    return (y.view(N, K, -1) * weights.unsqueeze(-1)).sum(1)
 
 
 def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache, small):
@@ -192,7 +190,7 @@ def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache, small):
     y = _swiglu(x, p.gate_up, p.down, small) if p.gate_up is not None else torch.zeros_like(x)
     if p.router is not None:
         weights, idx, _ = route(x, p.router, p.bias, cfg)
-        y = y + _experts(x, weights, idx, p.experts_gate_up, p.experts_down, small)
+        y = y + _experts(x, weights, idx, p.experts_gate_up, p.experts_down)
     return h + y
 
 

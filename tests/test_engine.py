@@ -303,7 +303,7 @@ def test_speculative_sampling_keeps_the_target_distribution(model):
 @pytest.mark.parametrize("buckets", [decode.BUCKETS, (1,)])
 def test_compiled_decoding_equals_eager_alone_and_batched(trained, buckets, monkeypatch):
     """One sequence and three: fused-reduction graphs (three padded to the bucket of four), and with buckets
-    (1,) three take the GEMM graph (all experts batched)."""
+    (1,) three take the GEMM graph."""
     monkeypatch.setattr(decode, "BUCKETS", buckets)
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9]]
     params = SamplingParams(temperature=0, max_new_tokens=20)
