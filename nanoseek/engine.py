@@ -41,6 +41,8 @@ from nanoseek.errors import UserError
 from nanoseek.model import NanoSeek, route
 
 IMPLS = ("fast", "absorbed", "naive")
+MAX_TOP_LOGPROBS = 20  # alternatives per position at most (OpenAI's and vLLM's limit)
+PROMPT_LOGPROBS_ROWS = 1024  # prompt positions per head matmul when scoring a prompt (bounds the [rows, V] logits)
 PADDED_MOE_MAX = 1024  # token-expert pairs up to which the fast MoE pads all experts into batched matmuls
 # (from n_routed_experts pairs up: below that most experts get no token, and their weights need not be read)
 
@@ -61,6 +63,11 @@ class SamplingParams:
     """Seeds this request's own torch.Generator: the same seed gives the same tokens."""
     stop_check: Callable[[list[int]], bool] | None = None
     """Called with the generated ids after every new token; True stops (stop strings: the caller decodes)."""
+    top_logprobs: int = 0
+    """Also report the k most likely tokens and their log-probs at every generated position (0: none)."""
+    prompt_logprobs: bool = False
+    """Also score the prompt: the log-prob of each prompt token given the ones before it (and, with top_logprobs,
+    the most likely alternatives there). Costs one output-head matmul per prompt token at prefill."""
 
     def __post_init__(self):
         def bad(name, why):
@@ -75,6 +82,8 @@ class SamplingParams:
             bad("top_p", "must be in (0, 1]")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad("max_new_tokens", "must be an integer >= 1")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            bad("top_logprobs", f"must be an integer in 0..{MAX_TOP_LOGPROBS}")
         if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
             bad("seed", "must be a 64-bit signed integer")
         self.stop_token_ids = tuple(self.stop_token_ids)
@@ -84,6 +93,21 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+Top = list[tuple[int, float]]
+"""The most likely tokens at one position, most likely first: [(token id, log-prob), ...]."""
+
+
+@dataclass
+class PromptLogprobs:
+    """A scored prompt (SamplingParams.prompt_logprobs): entry i is about prompt token i + 1 (the first token has
+    no context to be scored in)."""
+
+    logprobs: list[float]
+    """log p(prompt[i + 1] | prompt[: i + 1])."""
+    top_logprobs: list[Top] | None = None
+    """With SamplingParams.top_logprobs = k: the k most likely tokens at each of those positions."""
 
 
 @dataclass
@@ -98,6 +122,10 @@ class Event:
     finish_reason: str | None = None
     """None while the request runs; "stop" (a stop token or stop_check), "length" (max_new_tokens or the
     context is full) on its last token."""
+    top_logprobs: Top | None = None
+    """With SamplingParams.top_logprobs = k: the k most likely tokens at this position (the same log-probs)."""
+    prompt_logprobs: PromptLogprobs | None = None
+    """With SamplingParams.prompt_logprobs: the scored prompt, on the request's first event only."""
 
 
 @dataclass
@@ -105,6 +133,8 @@ class Completion:
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str
+    top_logprobs: list[Top] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class KVCache:
@@ -431,6 +461,8 @@ class _Sequence:
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[Top] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None
     finish_reason: str | None = None
     # speculative decoding: (hidden state at i, token i+1) pairs the MTP module has not seen yet
     mtp_h: torch.Tensor | None = None
@@ -466,6 +498,12 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
     cdf = probs.float().cumsum(-1)
     # the first token whose cumulative probability exceeds u * total: zero-probability tokens are never drawn
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+
+
+def _top(logp: torch.Tensor, k: int) -> list[Top]:
+    """logp [N, V] -> per row its k most likely (token, log-prob), most likely first."""
+    values, ids = logp.topk(k, -1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 class Engine:
@@ -620,13 +658,29 @@ class Engine:
         self.cache.advance(slots, lens)
         last = torch.tensor(lens, device=h.device) - 1
         logits = self.forward.logits(h[torch.arange(len(seqs)), last])  # [B, V]: only the last position
-        tokens, logprobs = self._sample(logits, seqs)
+        tokens, logprobs, tops = self._sample(logits, seqs)
         if self.speculative:
             self._mtp_prefill(seqs, h, lens, tokens)
         events = []
         for b, seq in enumerate(seqs):
-            events += self._emit(seq, [tokens[b]], [logprobs[b]])
+            if seq.params.prompt_logprobs:
+                seq.prompt_logprobs = self._score_prompt(seq, h[b, : lens[b] - 1])
+            new = self._emit(seq, [tokens[b]], [logprobs[b]], [tops[b]])
+            new[0].prompt_logprobs = seq.prompt_logprobs
+            events += new
         return events
+
+    def _score_prompt(self, seq: _Sequence, h: torch.Tensor) -> PromptLogprobs:
+        """h [p - 1, H]: the final hidden states at the prompt's positions but its last -> how likely each next
+        prompt token was (through the output head, a bounded number of positions at a time)."""
+        logprobs, tops = [], []
+        k = seq.params.top_logprobs
+        for start in range(0, h.shape[0], PROMPT_LOGPROBS_ROWS):
+            logp = self.forward.logits(h[start: start + PROMPT_LOGPROBS_ROWS]).log_softmax(-1)
+            targets = torch.tensor(seq.prompt[start + 1: start + 1 + logp.shape[0]], device=logp.device)
+            logprobs += logp.gather(1, targets[:, None])[:, 0].tolist()
+            tops += _top(logp, k) if k else []
+        return PromptLogprobs(logprobs, tops if k else None)
 
     def _mtp_prefill(self, seqs: list[_Sequence], h: torch.Tensor, lens: list[int], tokens: list[int]) -> None:
         """The MTP module's cache gets the prompt's pairs (h_i, t_{i+1}), i < p-1, now, while every slot
@@ -649,35 +703,47 @@ class Engine:
         positions = self.cache.begin(slots, 1)
         _, logits = self.forward.decode(ids, positions, self.cache)
         self.cache.advance(slots, [1] * len(seqs))
-        tokens, logprobs = self._sample(logits[:, 0], seqs)
+        tokens, logprobs, tops = self._sample(logits[:, 0], seqs)
         events = []
-        for seq, t, lp in zip(seqs, tokens, logprobs):
-            events += self._emit(seq, [t], [lp])
+        for seq, t, lp, top in zip(seqs, tokens, logprobs, tops):
+            events += self._emit(seq, [t], [lp], [top])
         return events
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> tuple[list[int], list[float]]:
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]):
         """logits [B, V] fp32 -> one token per row (argmax, or sampled with the row's own generator, so a
-        seeded request draws the same tokens whatever else is in the batch) and its log-prob."""
+        seeded request draws the same tokens whatever else is in the batch), its log-prob, and the row's
+        top_logprobs most likely tokens (None where not asked for)."""
         tokens = logits.argmax(-1)
         rows = [b for b, seq in enumerate(seqs) if not seq.params.greedy]
         if rows:
             probs = torch.stack([filtered_probs(logits[b], seqs[b].params) for b in rows])
             tokens[rows] = draw(probs, [seqs[b].generator for b in rows])
-        logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
-        return tokens.tolist(), logprobs.tolist()
+        logp = logits.log_softmax(-1)
+        logprobs = logp.gather(1, tokens[:, None])[:, 0]
+        return tokens.tolist(), logprobs.tolist(), self._tops(logp, seqs)
 
-    def _emit(self, seq: _Sequence, tokens: list[int], logprobs: list[float]) -> list[Event]:
+    @staticmethod
+    def _tops(logp: torch.Tensor, seqs: list[_Sequence]) -> list[Top | None]:
+        """logp [B, V], one row per sequence -> each sequence's top_logprobs alternatives (None: not asked)."""
+        k = max(s.params.top_logprobs for s in seqs)
+        if not k:
+            return [None] * len(seqs)
+        return [top[: s.params.top_logprobs] if s.params.top_logprobs else None for s, top in zip(seqs, _top(logp, k))]
+
+    def _emit(self, seq: _Sequence, tokens: list[int], logprobs: list[float], tops: list[Top | None]) -> list[Event]:
         """Append tokens one by one until the sequence finishes; a finished sequence frees its slot."""
         events = []
         p = seq.params
-        for t, lp in zip(tokens, logprobs):
+        for t, lp, top in zip(tokens, logprobs, tops):
             seq.tokens.append(t)
             seq.logprobs.append(lp)
+            if top is not None:
+                seq.top_logprobs.append(top)
             if t in p.stop_token_ids or (p.stop_check is not None and p.stop_check(seq.tokens)):
                 seq.finish_reason = "stop"
             elif len(seq.tokens) >= p.max_new_tokens or len(seq.prompt) + len(seq.tokens) >= self.max_len:
                 seq.finish_reason = "length"
-            events.append(Event(seq.id, t, lp, seq.finish_reason))
+            events.append(Event(seq.id, t, lp, seq.finish_reason, top))
             if seq.finish_reason is not None:
                 self._release(seq)
                 break
@@ -729,7 +795,9 @@ class Engine:
             new = [d, second] if ok else [first]
             self.cache.advance([s.slot], [len(new)])  # a rejected draft's entry is stale: masked, overwritten
             s.mtp_h, s.mtp_ids = h[b, : len(new)], new
-            events += self._emit(s, new, logp[b, torch.arange(len(new)), torch.tensor(new)].tolist())
+            k = s.params.top_logprobs
+            events += self._emit(s, new, logp[b, torch.arange(len(new)), torch.tensor(new)].tolist(),
+                                 _top(logp[b, : len(new)], k) if k else [None] * len(new))
         return events
 
     def _verify_sampled(self, s: _Sequence, d: int, q: torch.Tensor, logits: torch.Tensor):
@@ -759,7 +827,8 @@ class Engine:
             for i in ids:
                 self.abort(i)
             raise
-        return [Completion(s.tokens, s.logprobs, s.finish_reason) for s in seqs]
+        return [Completion(s.tokens, s.logprobs, s.finish_reason, s.top_logprobs if s.params.top_logprobs else None,
+                           s.prompt_logprobs) for s in seqs]
 
     def stream(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Iterator[Event]:
         """Yield the events of one request as they are generated (drives step() itself)."""

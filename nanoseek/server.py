@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from nanoseek.chat import TextStream, turn_end_ids
-from nanoseek.engine import Engine, Event, SamplingParams
+from nanoseek.engine import MAX_TOP_LOGPROBS, Engine, Event, PromptLogprobs, SamplingParams
 from nanoseek.errors import UserError
 from nanoseek.tokenizer import END_THINK, THINK
 
@@ -194,24 +194,85 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     return reasoning.strip("\n"), content.lstrip() if closed else ""
 
 
-class ChoiceText:
-    """One choice's text as it streams: token ids in, (reasoning delta, content delta) out."""
+@dataclass
+class Echo:
+    """A completion that starts with its prompt (`echo`): the prompt's text and ids; `skip` leading ids (the BOS
+    the server put in front of a text prompt) are not part of it."""
 
-    def __init__(self, tokenizer, stops: list[str], stop_ids: list[int], reasoning: bool):
+    text: str
+    ids: list[int]
+    skip: int
+
+
+class ChoiceText:
+    """One choice's text as it streams: token ids in, (reasoning delta, content delta) out; with `logprobs`, the
+    log-probs of its tokens (of the echoed prompt's too) as OpenAI's chat or completions API writes them."""
+
+    def __init__(self, tokenizer, stops: list[str], stop_ids: list[int], reasoning: bool, logprobs: bool = False,
+                 echo: Echo | None = None):
+        self.tokenizer = tokenizer
         self.stream, self.stop_ids, self.reasoning = TextStream(tokenizer, stops), set(stop_ids), reasoning
         self.sent_reasoning = self.sent_content = 0
         self.tokens = 0
         self.finish_reason: str | None = None
+        self.echo = echo
+        # (token, log-prob or None for an unscored first prompt token, alternatives) per token in the text
+        self.logprobs: list[tuple[int, float | None, list]] | None = [] if logprobs else None
+        self.sent_logprobs = 0
+        self.offset = 0  # completions' text_offset of the next token
 
     def add(self, ev: Event) -> tuple[str, str]:
         self.tokens += 1
+        if ev.prompt_logprobs is not None and self.logprobs is not None and self.echo is not None:
+            self.logprobs += self._prompt_entries(ev.prompt_logprobs)
         if ev.token not in self.stop_ids:
             self.stream.add(ev.token)
+            if self.logprobs is not None:
+                self.logprobs.append((ev.token, ev.logprob, ev.top_logprobs or []))
         final = ev.finish_reason is not None
         if final:
             self.finish_reason = ev.finish_reason
             self.stream.finish()
-        return self._deltas(self.stream.full[: self.stream.shown], final)
+        reasoning, content = self._deltas(self.stream.full[: self.stream.shown], final)
+        if self.echo is not None and self.tokens == 1:
+            content = self.echo.text + content
+        return reasoning, content
+
+    def _prompt_entries(self, scores: PromptLogprobs) -> list:
+        """The echoed prompt's tokens: entry i of the scores is about prompt token i + 1."""
+        tops = scores.top_logprobs or [[]] * len(scores.logprobs)
+        entries = [(self.echo.ids[0], None, None), *zip(self.echo.ids[1:], scores.logprobs, tops)]
+        return entries[self.echo.skip:]
+
+    def new_logprobs(self) -> list:
+        """The log-prob entries not sent yet (a stream sends them with the next chunk)."""
+        new = (self.logprobs or [])[self.sent_logprobs:]
+        self.sent_logprobs += len(new)
+        return new
+
+    def _token(self, token: int, logprob: float | None) -> dict:
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def chat_logprobs(self, entries: list) -> list[dict]:
+        """Chat completions' `logprobs.content`: token, logprob, bytes and top_logprobs per token."""
+        return [{**self._token(t, lp), "top_logprobs": [self._token(a, alp) for a, alp in top]}
+                for t, lp, top in entries]
+
+    def completion_logprobs(self, entries: list, alternatives: int) -> dict:
+        """Completions' `logprobs`: parallel lists of tokens, their log-probs, {token: log-prob} of the
+        `alternatives` most likely (null for an unscored first token) and each token's offset in the text."""
+        tokens = [self._token(t, None)["token"] for t, _, _ in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        tops = [None if top is None else {} for _, _, top in entries]
+        for d, (_, _, top) in zip(tops, entries):
+            for a, alp in top or []:  # alternatives that read the same keep the likelier one's log-prob
+                d.setdefault(self._token(a, None)["token"], alp)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": tops if alternatives else None, "text_offset": offsets}
 
     def _deltas(self, text: str, final: bool) -> tuple[str, str]:
         if not self.reasoning:
@@ -236,7 +297,9 @@ class ChoiceText:
 
     def full(self) -> tuple[str | None, str]:
         text = self.stream.text()
-        return split_reasoning(text) if self.reasoning else (None, text)
+        if self.reasoning:
+            return split_reasoning(text)
+        return None, (self.echo.text if self.echo is not None else "") + text
 
 
 # --- request bodies -----------------------------------------------------------------------------------------------
@@ -260,9 +323,9 @@ def _schemas():
         seed: int | None = None
         stream: bool = False
         stream_options: StreamOptions | None = None
-        logprobs: bool | int | None = None
-        top_logprobs: int | None = None
-        echo: bool | None = None
+        logprobs: bool | int | None = None  # chat: a boolean; completions: how many alternatives per token
+        top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # chat only
+        echo: bool | None = None  # completions only
         best_of: int | None = None
 
         @model_validator(mode="before")
@@ -281,7 +344,7 @@ def _schemas():
         messages: list[Message] = Field(min_length=1)
 
     class CompletionRequest(Sampling):
-        prompt: str | list[str]
+        prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids as they are (no BOS added)
 
     return ChatRequest, CompletionRequest
 
@@ -298,6 +361,20 @@ def _message_text(content) -> str:
             raise APIError(400, "only text content parts are supported", param="messages")
         parts.append(part["text"])
     return "".join(parts)
+
+
+@dataclass
+class Plan:
+    """A request as engine jobs (one per choice: prompts x n) and what its answer needs."""
+
+    jobs: list[tuple[list[int], SamplingParams]]
+    prompt_tokens: int
+    stops: list[str]
+    stop_ids: list[int]
+    logprobs: int | None = None
+    """Alternatives per token when log-probs were asked for; None: not asked."""
+    echoes: list[Echo] | None = None
+    """Completions with `echo`: the prompt of each job."""
 
 
 # --- the app -------------------------------------------------------------------------------------------------------
@@ -320,7 +397,8 @@ class Server:
         self.loop.stop()
 
     # request -> engine jobs
-    def _params(self, req, prompt_len: int, stop_ids: list[int], stops: list[str], index: int) -> SamplingParams:
+    def _params(self, req, prompt_len: int, stop_ids: list[int], stops: list[str], index: int,
+                logprobs: int | None = None, score_prompt: bool = False) -> SamplingParams:
         room = self.engine.max_len - prompt_len
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is not None and max_tokens > room:
@@ -338,7 +416,8 @@ class Server:
         seed = None if req.seed is None else req.seed + index
         return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                               max_new_tokens=max_tokens or room, stop_token_ids=stop_ids, seed=seed,
-                              stop_check=stop_check if stops else None)
+                              stop_check=stop_check if stops else None, top_logprobs=logprobs or 0,
+                              prompt_logprobs=score_prompt)
 
     def _check_prompt(self, ids: list[int], param: str) -> None:
         if len(ids) >= self.engine.max_len:
@@ -351,19 +430,35 @@ class Server:
             raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
         return stops
 
-    def _check_request(self, req) -> None:
-        unsupported = {"logprobs": req.logprobs is not None and req.logprobs is not False,
-                       "top_logprobs": bool(req.top_logprobs), "echo": bool(req.echo),
-                       "best_of": (req.best_of or 1) > 1}
-        for name, asked in unsupported.items():  # rather than answer without what was asked for
+    def _check_request(self, req, chat: bool) -> int | None:
+        """Refuse what this server cannot answer (rather than answer without it); -> the alternatives per token
+        when log-probs are asked for, else None."""
+        unsupported = {"best_of": (req.best_of or 1) > 1, "echo": chat and bool(req.echo)}
+        for name, asked in unsupported.items():
             if asked:
                 raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported")
         if req.model not in (None, "", self.name):
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
+        if chat:  # logprobs: true, and top_logprobs alternatives
+            if req.logprobs is not None and not isinstance(req.logprobs, bool):
+                raise APIError(400, "logprobs is a boolean in chat completions (top_logprobs asks for alternatives)",
+                               param="logprobs", code="invalid_value")
+            if req.top_logprobs and not req.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+            return (req.top_logprobs or 0) if req.logprobs else None
+        if req.top_logprobs is not None:
+            raise APIError(400, "completions take the number of alternatives as logprobs, not top_logprobs",
+                           param="top_logprobs", code="invalid_value")
+        if req.logprobs is None or req.logprobs is False:
+            return None
+        if req.logprobs is True or not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS} (alternatives per token)",
+                           param="logprobs", code="invalid_value")
+        return req.logprobs
 
-    def chat_jobs(self, req):
-        self._check_request(req)
+    def chat_jobs(self, req) -> Plan:
+        logprobs = self._check_request(req, chat=True)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)}
                     for m in req.messages]
         try:
@@ -372,22 +467,36 @@ class Server:
             raise APIError(400, str(e), param="messages") from None
         self._check_prompt(ids, "messages")
         stops, stop_ids = self._stops(req), turn_end_ids(self.tokenizer)
-        jobs = [(ids, self._params(req, len(ids), stop_ids, stops, i)) for i in range(req.n)]
-        return jobs, [len(ids)], stops, stop_ids
+        jobs = [(ids, self._params(req, len(ids), stop_ids, stops, i, logprobs)) for i in range(req.n)]
+        return Plan(jobs, len(ids), stops, stop_ids, logprobs)
 
-    def completion_jobs(self, req):
-        self._check_request(req)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    def completion_jobs(self, req) -> Plan:
+        logprobs = self._check_request(req, chat=False)
+        prompts = req.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt: a string or a list of token ids
         if not prompts or any(not p for p in prompts):
-            raise APIError(400, "prompt must be a non-empty string (or a list of them)", param="prompt")
+            raise APIError(400, "prompt must be a non-empty string or list of token ids (or a list of them)",
+                           param="prompt")
         stops, stop_ids = self._stops(req), [self.tokenizer.eos_id]
-        jobs, lens = [], []
+        plan = Plan([], 0, stops, stop_ids, logprobs, [] if req.echo else None)
+        V = self.engine.model.config.vocab_size
         for p in prompts:
-            ids = self.tokenizer.encode(p, bos=True)
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p, bos=True)
+                echo = Echo(p, ids, 1 if self.tokenizer.bos_id is not None else 0)
+            else:
+                if not all(0 <= t < V for t in p):
+                    raise APIError(400, f"prompt token ids must be in 0..{V - 1}", param="prompt",
+                                   code="invalid_value")
+                ids, echo = list(p), Echo(self.tokenizer.decode(p), list(p), 0)
             self._check_prompt(ids, "prompt")
-            lens.append(len(ids))
-            jobs += [(ids, self._params(req, len(ids), stop_ids, stops, i)) for i in range(req.n)]
-        return jobs, lens, stops, stop_ids
+            plan.prompt_tokens += len(ids)
+            score = bool(req.echo) and logprobs is not None
+            plan.jobs += [(ids, self._params(req, len(ids), stop_ids, stops, i, logprobs, score)) for i in range(req.n)]
+            if req.echo:
+                plan.echoes += [echo] * req.n
+        return plan
 
     def metrics(self) -> dict:
         s = self.loop.stats
@@ -480,25 +589,34 @@ def create_app(server: Server):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await body_of(request, ChatRequest)
-        jobs, lens, stops, stop_ids = server.chat_jobs(req)
-        return await respond(request, req, jobs, lens, stops, stop_ids, chat=True)
+        return await respond(request, req, server.chat_jobs(req), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await body_of(request, CompletionRequest)
-        jobs, lens, stops, stop_ids = server.completion_jobs(req)
-        return await respond(request, req, jobs, lens, stops, stop_ids, chat=False)
+        return await respond(request, req, server.completion_jobs(req), chat=False)
 
-    async def respond(request, req, jobs, lens, stops, stop_ids, chat: bool):
+    async def respond(request, req, plan: Plan, chat: bool):
+        jobs = plan.jobs
         handle = Handle(jobs, asyncio.get_running_loop())
         server.loop.submit(handle)
-        server.loop.stats["prompt_tokens"] += sum(lens)
-        texts = [ChoiceText(server.tokenizer, stops, stop_ids, reasoning=chat) for _ in jobs]
+        server.loop.stats["prompt_tokens"] += plan.prompt_tokens
+        texts = [ChoiceText(server.tokenizer, plan.stops, plan.stop_ids, reasoning=chat,
+                            logprobs=plan.logprobs is not None, echo=plan.echoes[i] if plan.echoes else None)
+                 for i in range(len(jobs))]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        usage = lambda: {"prompt_tokens": sum(lens), "completion_tokens": sum(t.tokens for t in texts),
-                         "total_tokens": sum(lens) + sum(t.tokens for t in texts)}
+        usage = lambda: {"prompt_tokens": plan.prompt_tokens, "completion_tokens": sum(t.tokens for t in texts),
+                         "total_tokens": plan.prompt_tokens + sum(t.tokens for t in texts)}
+
+        def logprobs(t: ChoiceText, entries: list):
+            """A choice's `logprobs` field for these entries (None when not asked for)."""
+            if plan.logprobs is None:
+                return None
+            if chat:
+                return {"content": t.chat_logprobs(entries), "refusal": None}
+            return t.completion_logprobs(entries, plan.logprobs)
 
         async def events():
             """(index, reasoning delta, content delta, finish_reason) until every choice has finished."""
@@ -537,9 +655,10 @@ def create_app(server: Server):
                     if reasoning is not None:
                         message["reasoning_content"] = reasoning
                     choices.append({"index": i, "message": message, "finish_reason": t.finish_reason,
-                                    "logprobs": None})
+                                    "logprobs": logprobs(t, t.new_logprobs())})
                 else:
-                    choices.append({"index": i, "text": content, "finish_reason": t.finish_reason, "logprobs": None})
+                    choices.append({"index": i, "text": content, "finish_reason": t.finish_reason,
+                                    "logprobs": logprobs(t, t.new_logprobs())})
             return {"id": rid, "object": obj, "created": created, "model": server.name, "choices": choices,
                     "usage": usage()}
 
@@ -568,6 +687,8 @@ def create_app(server: Server):
                         choice = {"index": index, "delta": delta, "finish_reason": reason}
                     else:
                         choice = {"index": index, "text": c, "finish_reason": reason}
+                    if plan.logprobs is not None:  # the tokens since the last chunk (held-back text included)
+                        choice["logprobs"] = logprobs(texts[index], texts[index].new_logprobs())
                     yield chunk([choice])
             except APIError as e:
                 yield f"data: {json.dumps(e.body())}\n\n"

@@ -78,6 +78,19 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: a byte-level BPE token may hold part of a UTF-8 character, which
+        decode([id]) would turn into U+FFFD (what the OpenAI API's logprobs report as `bytes`)."""
+        from tokenizers import decoders
+
+        piece = self.tk.id_to_token(token_id)
+        if piece is None:  # a model's vocabulary may be padded beyond the tokenizer's: such ids decode to nothing
+            return b""
+        if isinstance(self.tk.decoder, decoders.ByteLevel) and token_id not in self.tk.get_added_tokens_decoder() \
+                and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        return self.decode([token_id]).encode()
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and a loss mask (1 on assistant replies and their <|eos|>)."""
         if not self.native:
@@ -155,6 +168,17 @@ class Tokenizer:
             if isinstance(e, UserError):
                 raise
             raise UserError(f"cannot read tokenizer {f}: {e}") from None
+
+
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): printable Latin-1 bytes stand for themselves, the other 68 bytes for
+    the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(shifted)}
+
+
+_BYTE_OF_CHAR = _byte_of_char()
 
 
 def _token_text(token) -> str | None:

@@ -158,6 +158,31 @@ def test_logprobs_are_log_softmax_of_full_forward_logits(model):
     torch.testing.assert_close(torch.tensor(out.logprobs), expected, atol=1e-5, rtol=0)
 
 
+def test_top_logprobs_and_prompt_scores_are_those_of_the_full_forward(model):
+    """A prompt scored at prefill and the alternatives at every generated position, next to a request in the same
+    batch that asked for neither (and gets neither)."""
+    prompt = [5, 9, 200, 3, 17, 1]
+    params = SamplingParams(temperature=1.0, seed=0, max_new_tokens=6, top_logprobs=3, prompt_logprobs=True)
+    engine = Engine(model)
+    out, plain = engine.generate([prompt, [7, 8]], [params, SamplingParams(temperature=0, max_new_tokens=6)])
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + out.tokens])).log_softmax(-1)[0, :-1]  # position i predicts i + 1
+    targets = torch.tensor(prompt[1:] + out.tokens)
+    scores = out.prompt_logprobs
+    torch.testing.assert_close(torch.tensor(scores.logprobs + out.logprobs),
+                               logp.gather(1, targets[:, None])[:, 0], atol=1e-5, rtol=0)
+    values, ids = logp.topk(3)
+    tops = scores.top_logprobs + out.top_logprobs
+    assert [[t for t, _ in top] for top in tops] == ids.tolist()
+    torch.testing.assert_close(torch.tensor([[lp for _, lp in top] for top in tops]), values, atol=1e-5, rtol=0)
+    assert plain.top_logprobs is None and plain.prompt_logprobs is None
+    events = list(engine.stream(prompt, params))  # alone now; the scores come with the first event only
+    assert all(e.prompt_logprobs is None for e in events[1:])
+    torch.testing.assert_close(torch.tensor(events[0].prompt_logprobs.logprobs), torch.tensor(scores.logprobs),
+                               atol=1e-5, rtol=0)
+    assert [[t for t, _ in e.top_logprobs] for e in events] == ids[len(prompt) - 1:].tolist()  # (seeded: same tokens)
+
+
 def test_seeded_sampling_is_reproducible_and_seeds_differ(model):
     prompt = [1, 2, 3, 4]
 
@@ -252,13 +277,16 @@ def test_fast_weights_follow_a_trained_model(model):
 @pytest.mark.parametrize("impl", ["fast", "naive"])
 def test_speculative_greedy_equals_plain_greedy(trained, impl):
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9], [3, 3]]
-    params = SamplingParams(temperature=0, max_new_tokens=40)
+    params = SamplingParams(temperature=0, max_new_tokens=40, top_logprobs=2)
     plain = Engine(trained, max_batch=3, impl=impl).generate(prompts, params)
     spec_engine = Engine(trained, max_batch=3, impl=impl, speculative=True)
     spec = spec_engine.generate(prompts, params)
     assert [o.tokens for o in spec] == [o.tokens for o in plain]
     for a, b in zip(spec, plain):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+        assert [[t for t, _ in top] for top in a.top_logprobs] == [[t for t, _ in top] for top in b.top_logprobs]
+        torch.testing.assert_close(torch.tensor([[lp for _, lp in top] for top in a.top_logprobs]),
+                                   torch.tensor([[lp for _, lp in top] for top in b.top_logprobs]), atol=1e-4, rtol=0)
     s = spec_engine.stats
     assert 0 < s["accepted"] < s["drafted"], s  # both branches ran
 
@@ -357,7 +385,7 @@ def test_compile_needs_the_fast_mla_path(trained):
     (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
-    (dict(seed=2**64), "seed"),
+    (dict(seed=2**64), "seed"), (dict(top_logprobs=21), "top_logprobs"), (dict(top_logprobs=-1), "top_logprobs"),
 ])
 def test_invalid_sampling_parameters_are_user_errors(kwargs, field):
     with pytest.raises(UserError, match=field):

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from nanoseek.chat import turn_end_ids
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import Engine, Event, SamplingParams
 from nanoseek.server import ChoiceText, Server, serving, split_reasoning
 from nanoseek.tokenizer import END_THINK, THINK
 
@@ -99,7 +99,11 @@ def test_completions_n_seed_and_stop(client, model_and_tokenizer):
     (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
     (b'{"messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551616}', 400, None),
     (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}', 400, "logprobs"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": 3}', 400, "logprobs"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, "top_logprobs"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}', 400, "top_logprobs"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "echo": true}', 400, "echo"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "best_of": 2}', 400, "best_of"),
 ])
 def test_bad_requests_get_openai_errors(url, body, status, param):
     r = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
@@ -118,11 +122,68 @@ def test_surrogates_seeds_null_fields_and_unsupported_fields(url):
     nulls = {"temperature": None, "top_p": None, "n": None, "stream": None}  # nullable in OpenAI's API: defaults
     r = httpx.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 2, **nulls})
     assert r.status_code == 200 and len(r.json()["choices"]) == 1
-    r = httpx.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 2, "logprobs": 0})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    for bad in ({"logprobs": 21}, {"logprobs": True}, {"top_logprobs": 2}, {"prompt": [1, 10**6]}):
+        r = httpx.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 2, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
     r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
                                                        "logprobs": False, "top_logprobs": 0, "best_of": 1})
     assert r.status_code == 200
+
+
+def test_chat_logprobs_are_the_engines_streamed_or_not(client, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    r = chat(client, "Good night my lord", temperature=0, max_tokens=10, logprobs=True, top_logprobs=2)
+    ids, _ = tok.render_chat([{"role": "user", "content": "Good night my lord"}], add_generation_prompt=True)
+    stop_ids = turn_end_ids(tok)
+    ref = engine_greedy(model, ids, stop_ids, 10)
+    kept = [(t, lp) for t, lp in zip(ref.tokens, ref.logprobs) if t not in stop_ids]  # turn ends are not text
+    content = r.choices[0].logprobs.content
+    assert [bytes(c.bytes) for c in content] == [tok.token_bytes(t) for t, _ in kept]
+    assert [c.logprob for c in content] == pytest.approx([lp for _, lp in kept], abs=1e-4)
+    for c in content:  # greedy: the chosen token is the most likely one
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token
+        assert c.top_logprobs[0].logprob == pytest.approx(c.logprob) and c.top_logprobs[1].logprob <= c.logprob
+    chunks = list(chat(client, "Good night my lord", temperature=0, max_tokens=10, logprobs=True, top_logprobs=2,
+                       stream=True))
+    streamed = [c for ch in chunks[1:] for c in ch.choices[0].logprobs.content]
+    assert [c.model_dump() for c in streamed] == [c.model_dump() for c in content]
+    assert chat(client, "Good night my lord", max_tokens=2).choices[0].logprobs is None
+
+
+def test_completions_echo_scores_the_prompt_like_lm_eval_asks(client, model_and_tokenizer):
+    """echo + logprobs: the prompt's tokens come first, each scored given the ones before it (the first one too,
+    given the BOS the server adds to a text prompt; a prompt of token ids is taken as it is)."""
+    import torch
+
+    model, tok = model_and_tokenizer
+    r = client.completions.create(model="tiny", prompt="The king", max_tokens=3, temperature=0, logprobs=2, echo=True)
+    ids = tok.encode("The king", bos=True)
+    ref = engine_greedy(model, ids, [tok.eos_id], 3)
+    choice = r.choices[0]
+    assert choice.text == "The king" + tok.decode([t for t in ref.tokens if t != tok.eos_id])
+    lp = choice.logprobs
+    with torch.no_grad():
+        logp = model(torch.tensor([ids + ref.tokens])).log_softmax(-1)[0, :-1]
+    targets = ids[1:] + [t for t in ref.tokens if t != tok.eos_id]
+    expected = logp[torch.arange(len(targets)), torch.tensor(targets)].tolist()
+    assert lp.tokens == [tok.token_bytes(t).decode(errors="replace") for t in targets]
+    assert "".join(lp.tokens[: len(ids) - 1]) == "The king"  # (a random model's tokens may split a character)
+    assert lp.token_logprobs == pytest.approx(expected, abs=1e-4)
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    # two alternatives that read the same (ids of a random model outside the tokenizer: "") share one key
+    assert all(1 <= len(top) <= 2 and max(top.values()) >= x for top, x in zip(lp.top_logprobs, lp.token_logprobs))
+    # token ids as the prompt: no BOS is added, so the first token has nothing to be scored against
+    by_ids = client.completions.create(model="tiny", prompt=ids[1:], max_tokens=1, temperature=0, logprobs=1,
+                                       echo=True)
+    assert by_ids.choices[0].logprobs.token_logprobs[0] is None
+    assert by_ids.choices[0].logprobs.tokens[:2] == lp.tokens[:2] and by_ids.usage.prompt_tokens == len(ids) - 1
+    streamed = list(client.completions.create(model="tiny", prompt="The king", max_tokens=3, temperature=0,
+                                              logprobs=2, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    assert [t for c in streamed for t in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    assert [o for c in streamed for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+    echoed = client.completions.create(model="tiny", prompt="The king", max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == choice.text and echoed.choices[0].logprobs is None
 
 
 def test_stop_strings_of_multi_byte_characters_are_seen(model_and_tokenizer):
@@ -251,12 +312,7 @@ def test_reasoning_is_split_from_content(model_and_tokenizer):
     reply = f" {THINK}the king has 3 men{END_THINK} So 3 men."
     ids = tok.encode(reply) + [tok.eos_id]
     text = ChoiceText(tok, [], [tok.eos_id], reasoning=True)
-
-    class Ev:
-        def __init__(self, token, last):
-            self.token, self.finish_reason = token, "stop" if last else None
-
-    parts = [text.add(Ev(t, i == len(ids) - 1)) for i, t in enumerate(ids)]
+    parts = [text.add(Event(0, t, 0.0, "stop" if i == len(ids) - 1 else None)) for i, t in enumerate(ids)]
     reasoning, content = "".join(p[0] for p in parts), "".join(p[1] for p in parts)
     assert (reasoning, content) == ("the king has 3 men", "So 3 men.") == text.full()
     assert all(THINK not in c and END_THINK not in c for _, c in parts)

@@ -22,10 +22,18 @@ def test_round_trip_is_exact_on_any_utf8(tok, text):
     assert t.decode(t.encode(text)) == text
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=100))
+def test_token_bytes_concatenate_to_the_utf8_text(tok, text):
+    """Tokens that split a character hold its bytes (a decoded lone piece would be U+FFFD)."""
+    t, _ = tok
+    assert b"".join(t.token_bytes(i) for i in t.encode(text)) == text.encode()
+
+
 def test_special_tokens_are_single_ids(tok):
     t, _ = tok
     for s in SPECIAL_TOKENS:
-        assert len(t.encode(s)) == 1
+        assert len(t.encode(s)) == 1 and t.token_bytes(t.encode(s)[0]) == s.encode()
     assert t.vocab_size <= 400
 
 
