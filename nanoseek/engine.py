@@ -42,7 +42,7 @@ from nanoseek.model import NanoSeek, route
 
 IMPLS = ("fast", "absorbed", "naive")
 MAX_TOP_LOGPROBS = 20  # alternatives per position at most (OpenAI's and vLLM's limit)
-PROMPT_LOGPROBS_ROWS = 1024  # prompt positions per head matmul when scoring a prompt (bounds the [rows, V] logits)
+PROMPT_LOGPROBS_LOGITS = 1 << 24  # logits per output-head matmul when scoring a prompt (positions x vocabulary)
 PADDED_MOE_MAX = 1024  # token-expert pairs up to which the fast MoE pads all experts into batched matmuls
 # (from n_routed_experts pairs up: below that most experts get no token, and their weights need not be read)
 
@@ -501,8 +501,8 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
 
 
 def _top(logp: torch.Tensor, k: int) -> list[Top]:
-    """logp [N, V] -> per row its k most likely (token, log-prob), most likely first."""
-    values, ids = logp.topk(k, -1)
+    """logp [N, V] -> per row its k most likely (token, log-prob), most likely first (all V if k > V)."""
+    values, ids = logp.topk(min(k, logp.shape[-1]), -1)
     return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
@@ -675,8 +675,9 @@ class Engine:
         prompt token was (through the output head, a bounded number of positions at a time)."""
         logprobs, tops = [], []
         k = seq.params.top_logprobs
-        for start in range(0, h.shape[0], PROMPT_LOGPROBS_ROWS):
-            logp = self.forward.logits(h[start: start + PROMPT_LOGPROBS_ROWS]).log_softmax(-1)
+        rows = max(1, PROMPT_LOGPROBS_LOGITS // self.model.config.vocab_size)
+        for start in range(0, h.shape[0], rows):
+            logp = self.forward.logits(h[start: start + rows]).log_softmax(-1)
             targets = torch.tensor(seq.prompt[start + 1: start + 1 + logp.shape[0]], device=logp.device)
             logprobs += logp.gather(1, targets[:, None])[:, 0].tolist()
             tops += _top(logp, k) if k else []

@@ -16,8 +16,10 @@ DeepSeek's own API does. Errors are OpenAI error objects: {"error": {"message", 
 
 import argparse
 import asyncio
+import codecs
 import hmac
 import json
+import math
 import os
 import queue
 import threading
@@ -37,6 +39,7 @@ from nanoseek.tokenizer import END_THINK, THINK
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 API_KEY_ENV = "NANOSEEK_API_KEY"
+MAX_STOPS = 16
 
 
 class APIError(Exception):
@@ -194,6 +197,11 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     return reasoning.strip("\n"), content.lstrip() if closed else ""
 
 
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: a token the model rules out entirely gets OpenAI's floor of -9999."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
 @dataclass
 class Echo:
     """A completion that starts with its prompt (`echo`): the prompt's text and ids; `skip` leading ids (the BOS
@@ -206,29 +214,34 @@ class Echo:
 
 class ChoiceText:
     """One choice's text as it streams: token ids in, (reasoning delta, content delta) out; with `logprobs`, the
-    log-probs of its tokens (of the echoed prompt's too) as OpenAI's chat or completions API writes them."""
+    log-probs of its tokens (of the echoed prompt's too) as OpenAI's chat or completions API writes them.
 
-    def __init__(self, tokenizer, stops: list[str], stop_ids: list[int], reasoning: bool, logprobs: bool = False,
+    chat: the reasoning is split off the content, and the turn-end tokens are left out of the log-probs (they are
+    not part of the message); completions list every generated token, a stop token too (scorers such as
+    lm-evaluation-harness expect one entry per generated token after the echoed prompt)."""
+
+    def __init__(self, tokenizer, stops: list[str], stop_ids: list[int], chat: bool, logprobs: bool = False,
                  echo: Echo | None = None):
         self.tokenizer = tokenizer
-        self.stream, self.stop_ids, self.reasoning = TextStream(tokenizer, stops), set(stop_ids), reasoning
+        self.stream, self.stop_ids, self.chat = TextStream(tokenizer, stops), set(stop_ids), chat
         self.sent_reasoning = self.sent_content = 0
         self.tokens = 0
         self.finish_reason: str | None = None
         self.echo = echo
-        # (token, log-prob or None for an unscored first prompt token, alternatives) per token in the text
-        self.logprobs: list[tuple[int, float | None, list]] | None = [] if logprobs else None
+        # (token, log-prob or None for an unscored first prompt token, alternatives)
+        self.logprobs: list[tuple[int, float | None, list | None]] | None = [] if logprobs else None
         self.sent_logprobs = 0
-        self.offset = 0  # completions' text_offset of the next token
+        self.offset, self.utf8 = 0, codecs.getincrementaldecoder("utf-8")("replace")  # completions' text_offset
 
     def add(self, ev: Event) -> tuple[str, str]:
         self.tokens += 1
-        if ev.prompt_logprobs is not None and self.logprobs is not None and self.echo is not None:
-            self.logprobs += self._prompt_entries(ev.prompt_logprobs)
+        if self.logprobs is not None:
+            if ev.prompt_logprobs is not None and self.echo is not None:
+                self.logprobs += self._prompt_entries(ev.prompt_logprobs)
+            if not (self.chat and ev.token in self.stop_ids):
+                self.logprobs.append((ev.token, ev.logprob, ev.top_logprobs or []))
         if ev.token not in self.stop_ids:
             self.stream.add(ev.token)
-            if self.logprobs is not None:
-                self.logprobs.append((ev.token, ev.logprob, ev.top_logprobs or []))
         final = ev.finish_reason is not None
         if final:
             self.finish_reason = ev.finish_reason
@@ -250,32 +263,38 @@ class ChoiceText:
         self.sent_logprobs += len(new)
         return new
 
-    def _token(self, token: int, logprob: float | None) -> dict:
-        raw = self.tokenizer.token_bytes(token)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+    def _text(self, token: int) -> str:
+        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+
+    def _token(self, token: int, logprob: float) -> dict:
+        return {"token": self._text(token), "logprob": _finite(logprob),
+                "bytes": list(self.tokenizer.token_bytes(token))}
 
     def chat_logprobs(self, entries: list) -> list[dict]:
         """Chat completions' `logprobs.content`: token, logprob, bytes and top_logprobs per token."""
         return [{**self._token(t, lp), "top_logprobs": [self._token(a, alp) for a, alp in top]}
                 for t, lp, top in entries]
 
-    def completion_logprobs(self, entries: list, alternatives: int) -> dict:
-        """Completions' `logprobs`: parallel lists of tokens, their log-probs, {token: log-prob} of the
-        `alternatives` most likely (null for an unscored first token) and each token's offset in the text."""
-        tokens = [self._token(t, None)["token"] for t, _, _ in entries]
-        offsets = []
-        for text in tokens:
+    def completion_logprobs(self, entries: list) -> dict:
+        """Completions' `logprobs`: parallel lists of the tokens, their log-probs, {token: log-prob} of the most
+        likely and the chosen one (null for an unscored first token), and each token's character offset in the
+        text (a character split over tokens starts at the first)."""
+        tokens, offsets, tops = [], [], []
+        for t, lp, top in entries:
+            tokens.append(self._text(t))
             offsets.append(self.offset)
-            self.offset += len(text)
-        tops = [None if top is None else {} for _, _, top in entries]
-        for d, (_, _, top) in zip(tops, entries):
-            for a, alp in top or []:  # alternatives that read the same keep the likelier one's log-prob
-                d.setdefault(self._token(a, None)["token"], alp)
-        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": tops if alternatives else None, "text_offset": offsets}
+            self.offset += len(self.utf8.decode(self.tokenizer.token_bytes(t)))
+            if lp is None:
+                tops.append(None)
+                continue
+            tops.append({})
+            for a, alp in [*top, (t, lp)]:  # tokens that read the same keep the likelier one's log-prob
+                tops[-1].setdefault(self._text(a), _finite(alp))
+        return {"tokens": tokens, "token_logprobs": [None if lp is None else _finite(lp) for _, lp, _ in entries],
+                "top_logprobs": tops, "text_offset": offsets}
 
     def _deltas(self, text: str, final: bool) -> tuple[str, str]:
-        if not self.reasoning:
+        if not self.chat:
             return "", self._take_content(text)
         if not final:  # hold back what may be the start of a tag
             for tag in (THINK, END_THINK):
@@ -297,7 +316,7 @@ class ChoiceText:
 
     def full(self) -> tuple[str | None, str]:
         text = self.stream.text()
-        if self.reasoning:
+        if self.chat:
             return split_reasoning(text)
         return None, (self.echo.text if self.echo is not None else "") + text
 
@@ -426,8 +445,8 @@ class Server:
 
     def _stops(self, req) -> list[str]:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
+        if len(stops) > MAX_STOPS or any(not s for s in stops):  # (OpenAI takes 4; evaluation harnesses send more)
+            raise APIError(400, f"stop takes up to {MAX_STOPS} non-empty strings", param="stop")
         return stops
 
     def _check_request(self, req, chat: bool) -> int | None:
@@ -601,7 +620,7 @@ def create_app(server: Server):
         handle = Handle(jobs, asyncio.get_running_loop())
         server.loop.submit(handle)
         server.loop.stats["prompt_tokens"] += plan.prompt_tokens
-        texts = [ChoiceText(server.tokenizer, plan.stops, plan.stop_ids, reasoning=chat,
+        texts = [ChoiceText(server.tokenizer, plan.stops, plan.stop_ids, chat=chat,
                             logprobs=plan.logprobs is not None, echo=plan.echoes[i] if plan.echoes else None)
                  for i in range(len(jobs))]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -616,7 +635,7 @@ def create_app(server: Server):
                 return None
             if chat:
                 return {"content": t.chat_logprobs(entries), "refusal": None}
-            return t.completion_logprobs(entries, plan.logprobs)
+            return t.completion_logprobs(entries)
 
         async def events():
             """(index, reasoning delta, content delta, finish_reason) until every choice has finished."""

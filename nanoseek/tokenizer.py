@@ -40,8 +40,13 @@ class Tokenizer:
     rendered by its own Jinja chat_template there (serving only: no loss mask)."""
 
     def __init__(self, tk, config: dict | None = None):
+        from tokenizers import decoders
+
         self.tk = tk
         config = config or {}
+        self._bytes: dict[int, bytes] = {}  # token_bytes, computed once per id
+        self._byte_level = isinstance(tk.decoder, decoders.ByteLevel)
+        self._added = set(tk.get_added_tokens_decoder())
         found = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
         self.special = {t: i for t, i in found.items() if i is not None}
         self.native = len(self.special) == len(SPECIAL_TOKENS)
@@ -81,15 +86,17 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for: a byte-level BPE token may hold part of a UTF-8 character, which
         decode([id]) would turn into U+FFFD (what the OpenAI API's logprobs report as `bytes`)."""
-        from tokenizers import decoders
-
-        piece = self.tk.id_to_token(token_id)
-        if piece is None:  # a model's vocabulary may be padded beyond the tokenizer's: such ids decode to nothing
-            return b""
-        if isinstance(self.tk.decoder, decoders.ByteLevel) and token_id not in self.tk.get_added_tokens_decoder() \
-                and all(c in _BYTE_OF_CHAR for c in piece):
-            return bytes(_BYTE_OF_CHAR[c] for c in piece)
-        return self.decode([token_id]).encode()
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            piece = self.tk.id_to_token(token_id)
+            if piece is None:  # a model's vocabulary may be padded beyond the tokenizer's: such ids decode to nothing
+                raw = b""
+            elif self._byte_level and token_id not in self._added and all(c in _BYTE_OF_CHAR for c in piece):
+                raw = bytes(_BYTE_OF_CHAR[c] for c in piece)
+            else:
+                raw = self.decode([token_id]).encode()
+            self._bytes[token_id] = raw
+        return raw
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and a loss mask (1 on assistant replies and their <|eos|>)."""

@@ -176,6 +176,8 @@ def test_top_logprobs_and_prompt_scores_are_those_of_the_full_forward(model):
     assert [[t for t, _ in top] for top in tops] == ids.tolist()
     torch.testing.assert_close(torch.tensor([[lp for _, lp in top] for top in tops]), values, atol=1e-5, rtol=0)
     assert plain.top_logprobs is None and plain.prompt_logprobs is None
+    small = Engine(random_model(vocab_size=16)).generate([[1, 2]], SamplingParams(max_new_tokens=2, top_logprobs=20))
+    assert [len(top) for top in small[0].top_logprobs] == [16, 16]  # at most the whole vocabulary
     events = list(engine.stream(prompt, params))  # alone now; the scores come with the first event only
     assert all(e.prompt_logprobs is None for e in events[1:])
     torch.testing.assert_close(torch.tensor(events[0].prompt_logprobs.logprobs), torch.tensor(scores.logprobs),

@@ -164,14 +164,15 @@ def test_completions_echo_scores_the_prompt_like_lm_eval_asks(client, model_and_
     lp = choice.logprobs
     with torch.no_grad():
         logp = model(torch.tensor([ids + ref.tokens])).log_softmax(-1)[0, :-1]
-    targets = ids[1:] + [t for t in ref.tokens if t != tok.eos_id]
+    targets = ids[1:] + ref.tokens  # every generated token, an end-of-sequence too
     expected = logp[torch.arange(len(targets)), torch.tensor(targets)].tolist()
     assert lp.tokens == [tok.token_bytes(t).decode(errors="replace") for t in targets]
     assert "".join(lp.tokens[: len(ids) - 1]) == "The king"  # (a random model's tokens may split a character)
     assert lp.token_logprobs == pytest.approx(expected, abs=1e-4)
-    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
-    # two alternatives that read the same (ids of a random model outside the tokenizer: "") share one key
-    assert all(1 <= len(top) <= 2 and max(top.values()) >= x for top, x in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset[: len(ids)] == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    # the 2 most likely and the chosen token (tokens that read the same, e.g. ids of a random model outside the
+    # tokenizer, "", share one key)
+    assert all(1 <= len(top) <= 3 and max(top.values()) >= x for top, x in zip(lp.top_logprobs, lp.token_logprobs))
     # token ids as the prompt: no BOS is added, so the first token has nothing to be scored against
     by_ids = client.completions.create(model="tiny", prompt=ids[1:], max_tokens=1, temperature=0, logprobs=1,
                                        echo=True)
@@ -184,6 +185,26 @@ def test_completions_echo_scores_the_prompt_like_lm_eval_asks(client, model_and_
     assert [o for c in streamed for o in c.choices[0].logprobs.text_offset] == lp.text_offset
     echoed = client.completions.create(model="tiny", prompt="The king", max_tokens=3, temperature=0, echo=True)
     assert echoed.choices[0].text == choice.text and echoed.choices[0].logprobs is None
+
+
+def test_logprob_entries_of_stop_tokens_and_split_characters(model_and_tokenizer):
+    """Completions list every generated token (lm-evaluation-harness reads the entries before the last generated
+    one as the continuation's), chat leaves its turn end out; text_offset counts characters, and a character split
+    over several byte-level tokens starts at the first of them."""
+    _, tok = model_and_tokenizer
+    text = "a🙂é b"
+    ids = tok.encode(text) + [tok.eos_id]
+    assert len(ids) > len(text) + 1  # the tiny tokenizer splits the emoji's bytes
+    for chat in (True, False):  # (the completions' entries are checked further below)
+        choice = ChoiceText(tok, [], [tok.eos_id], chat=chat, logprobs=True)
+        for i, t in enumerate(ids):
+            choice.add(Event(0, t, -1.0, "stop" if i == len(ids) - 1 else None, [(t, -1.0)]))
+        entries = choice.new_logprobs()
+        assert [t for t, _, _ in entries] == (ids[:-1] if chat else ids) and choice.full()[1] == text
+    starts = [len(tok.token_bytes(t)) for t in ids]
+    starts = [sum(starts[:i]) for i in range(len(ids))]
+    raw = b"".join(tok.token_bytes(t) for t in ids)
+    assert choice.completion_logprobs(entries)["text_offset"] == [len(raw[:b].decode(errors="ignore")) for b in starts]
 
 
 def test_stop_strings_of_multi_byte_characters_are_seen(model_and_tokenizer):
@@ -311,7 +332,7 @@ def test_reasoning_is_split_from_content(model_and_tokenizer):
     # streamed token by token, the deltas add up to the same split
     reply = f" {THINK}the king has 3 men{END_THINK} So 3 men."
     ids = tok.encode(reply) + [tok.eos_id]
-    text = ChoiceText(tok, [], [tok.eos_id], reasoning=True)
+    text = ChoiceText(tok, [], [tok.eos_id], chat=True)
     parts = [text.add(Event(0, t, 0.0, "stop" if i == len(ids) - 1 else None)) for i, t in enumerate(ids)]
     reasoning, content = "".join(p[0] for p in parts), "".join(p[1] for p in parts)
     assert (reasoning, content) == ("the king has 3 men", "So 3 men.") == text.full()
