@@ -12,8 +12,10 @@ JSON object.
       cache (absorbed attention), from per-head K/V expanded out of it (naive) and from full forwards.
   P7  MTP self-speculative decoding on a trained checkpoint (--checkpoint DIR; without it, `nanoseek pretrain`
       trains the cpu preset with one MTP module on the default corpus for --train-seconds into runs/bench-infer,
-      reused next time), prompts from the held-out end of its corpus: draft acceptance rate and tokens/s vs
-      plain greedy decoding at batch 1 (eager and compiled), and identical outputs.
+      reused next time; its MTP loss weighs 1.0, not 0.3: the module is the drafter here, and 600 s with 1.0 gave
+      87.5% acceptance against 74.6% with 0.3, the main model no worse, val bpb 0.787 vs 0.801), prompts from the
+      held-out end of its corpus: draft acceptance rate and tokens/s vs plain greedy decoding at batch 1 (eager
+      and compiled), and identical outputs.
 
     python bench/infer.py [--checkpoint runs/demo] [--rounds 3] [--new-tokens 64]
 """
@@ -118,7 +120,8 @@ def trained_checkpoint(args) -> str:
         print(f"P7: training the cpu preset with one MTP module for {args.train_seconds:.0f} s into {run} ...",
               flush=True)
         subprocess.run([sys.executable, "-m", "nanoseek", "pretrain", "--run", str(run), "--preset", "cpu",
-                        "--set", "num_nextn_predict_layers=1", "--seq-len", "128", "--batch-size", "32",
+                        "--set", "num_nextn_predict_layers=1",
+                        "--set", "mtp_loss_weight=1.0", "--seq-len", "128", "--batch-size", "32",
                         "--time-budget", str(args.train_seconds), "--eval-every", "0", "--eval-tokens", "16384"],
                        check=True, stdout=subprocess.DEVNULL)
     return str(run)
@@ -171,7 +174,7 @@ def p7(args) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="trained run/checkpoint with an MTP module, for P7")
-    ap.add_argument("--train-seconds", type=float, default=300, help="P7 training budget without --checkpoint")
+    ap.add_argument("--train-seconds", type=float, default=600, help="P7 training budget without --checkpoint")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()

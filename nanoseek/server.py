@@ -500,6 +500,7 @@ class Server:
         stops, stop_ids = self._stops(req), [self.tokenizer.eos_id]
         plan = Plan([], 0, stops, stop_ids, logprobs, [] if req.echo else None)
         V = self.engine.model.config.vocab_size
+        score = bool(req.echo) and logprobs is not None  # the echoed prompt's log-probs
         for p in prompts:
             if isinstance(p, str):
                 ids = self.tokenizer.encode(p, bos=True)
@@ -511,7 +512,6 @@ class Server:
                 ids, echo = list(p), Echo(self.tokenizer.decode(p), list(p), 0)
             self._check_prompt(ids, "prompt")
             plan.prompt_tokens += len(ids)
-            score = bool(req.echo) and logprobs is not None
             plan.jobs += [(ids, self._params(req, len(ids), stop_ids, stops, i, logprobs, score)) for i in range(req.n)]
             if req.echo:
                 plan.echoes += [echo] * req.n
