@@ -503,18 +503,18 @@ class Server:
         score = bool(req.echo) and logprobs is not None  # the echoed prompt's log-probs
         for p in prompts:
             if isinstance(p, str):
-                ids = self.tokenizer.encode(p, bos=True)
-                echo = Echo(p, ids, 1 if self.tokenizer.bos_id is not None else 0)
+                ids, added = self.tokenizer.encode(p, bos=True), int(self.tokenizer.bos_id is not None)
             else:
                 if not all(0 <= t < V for t in p):
                     raise APIError(400, f"prompt token ids must be in 0..{V - 1}", param="prompt",
                                    code="invalid_value")
-                ids, echo = list(p), Echo(self.tokenizer.decode(p), list(p), 0)
+                ids, added = list(p), 0
             self._check_prompt(ids, "prompt")
             plan.prompt_tokens += len(ids)
             plan.jobs += [(ids, self._params(req, len(ids), stop_ids, stops, i, logprobs, score)) for i in range(req.n)]
             if req.echo:
-                plan.echoes += [echo] * req.n
+                text = p if isinstance(p, str) else self.tokenizer.decode(ids)  # a prompt of ids echoes as its text
+                plan.echoes += [Echo(text, ids, added)] * req.n
         return plan
 
     def metrics(self) -> dict:
