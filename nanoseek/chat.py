@@ -10,6 +10,7 @@ exchanges of the conversation until it fits, and says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -121,7 +122,16 @@ def add_generate_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
+def _tolerant_stdin() -> None:
+    """Bytes on stdin that are not UTF-8 become lone surrogates (as under the C.UTF-8 locale) instead of a
+    UnicodeDecodeError, so the tokenizer refuses them with a one-line error."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
 def run_generate(args) -> None:
+    if args.prompt is None:
+        _tolerant_stdin()
     prompt = sys.stdin.read() if args.prompt is None else args.prompt
     if not prompt.strip():
         raise UserError("empty prompt: give some text (as an argument or on stdin)")
@@ -169,6 +179,7 @@ def run_generate(args) -> None:
 # --- chat -------------------------------------------------------------------------------------------------
 
 HELP = "commands: /system TEXT (set the system prompt, start over), /reset (start over), /exit"
+REPLY_ROOM = 64  # tokens a reply should have room for: the oldest exchanges are dropped to make it
 
 
 def turn_end_ids(tokenizer) -> list[int]:
@@ -187,7 +198,11 @@ def run_chat(args) -> None:
     from nanoseek.tokenizer import END_THINK, THINK
 
     engine, tokenizer = _load(args)
+    _tolerant_stdin()
     interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # line editing and history for input() (not on Windows)
+            import readline  # noqa: F401
     color = sys.stdout.isatty()
     system, history = args.system, []
     stop_ids = turn_end_ids(tokenizer)
@@ -200,10 +215,14 @@ def run_chat(args) -> None:
             piece = piece.replace(THINK, DIM + THINK).replace(END_THINK, END_THINK + RESET)
         print(piece, end="", flush=True)
     while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("/exit", "/quit"):
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as in a shell
+            print()
+            continue
+        except EOFError:
+            break
+        if (not interactive and not line) or line.strip() in ("/exit", "/quit"):
             break
         line = line.rstrip("\n")
         if not line.strip():
@@ -221,11 +240,15 @@ def run_chat(args) -> None:
             print(HELP)
             continue
         history.append({"role": "user", "content": line})
-        ids, dropped = _fit(tokenizer, system, history, engine.max_len)
+        try:
+            ids, dropped = _fit(tokenizer, system, history, engine.max_len, min(REPLY_ROOM, params.max_new_tokens))
+        except UserError as e:  # e.g. text that is not valid Unicode: this message fails, the chat goes on
+            ids, dropped, problem = None, 0, str(e)
+        else:
+            problem = f"that message alone does not fit the context of {engine.max_len} tokens"
         if ids is None:
             history.pop()
-            print(f"error: that message alone does not fit the context of {engine.max_len} tokens",
-                  file=sys.stderr)
+            print(f"error: {problem}", file=sys.stderr)
             continue
         if dropped:
             del history[:dropped]
@@ -245,12 +268,13 @@ def run_chat(args) -> None:
         history.append({"role": "assistant", "content": THINK_BLOCK.sub("", stream.text()).strip()})
 
 
-def _fit(tokenizer, system, history, max_len):
+def _fit(tokenizer, system, history, max_len, room):
     """Render the conversation for generation, dropping the oldest exchanges (user + assistant) until it
-    leaves room for at least one new token: (ids or None if even the last message is too long, dropped)."""
+    leaves `room` new tokens (the last message alone needs room for one): (ids or None if even the last
+    message is too long, exchanges dropped x 2)."""
     head = [{"role": "system", "content": system}] if system else []
     for dropped in range(0, len(history), 2):
         ids, _ = tokenizer.render_chat(head + history[dropped:], add_generation_prompt=True)
-        if len(ids) < max_len:
+        if len(ids) + room <= max_len or (dropped == len(history) - 1 and len(ids) < max_len):
             return ids, dropped
     return None, 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -111,6 +112,12 @@ class ModelConfig:
         def fail(name, why):
             raise ConfigError(f"config field {name}={getattr(self, name)!r}: {why}")
 
+        def number(name, low, above):  # a finite real number, > low (above) or >= low
+            v = getattr(self, name)
+            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                    or v < low or (above and v == low)):
+                fail(name, f"must be a number {'>' if above else '>='} {low}")
+
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "v_head_dim", "intermediate_size", "max_position_embeddings"):
             v = getattr(self, name)
@@ -139,9 +146,11 @@ class ModelConfig:
         if self.hidden_act != "silu":
             fail("hidden_act", 'only "silu" (SwiGLU) is supported')
         if self.n_routed_experts > 0:
-            if self.moe_intermediate_size <= 0:
-                fail("moe_intermediate_size", "must be a positive integer")
-            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+            for name in ("moe_intermediate_size", "num_experts_per_tok"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    fail(name, "must be a positive integer")
+            if self.num_experts_per_tok > self.n_routed_experts:
                 fail("num_experts_per_tok", f"must be between 1 and n_routed_experts={self.n_routed_experts}")
             if not isinstance(self.n_group, int) or self.n_group < 1 or self.n_routed_experts % self.n_group:
                 fail("n_group", f"must be a positive divisor of n_routed_experts={self.n_routed_experts}")
@@ -151,14 +160,10 @@ class ModelConfig:
                 fail("topk_group", f"must be between 1 and n_group={self.n_group}")
             if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
                 fail("num_experts_per_tok", "exceeds the experts available in topk_group groups")
-        if self.rms_norm_eps <= 0:
-            fail("rms_norm_eps", "must be > 0")
-        if self.mtp_loss_weight < 0:
-            fail("mtp_loss_weight", "must be >= 0")
-        if self.aux_loss_alpha < 0:
-            fail("aux_loss_alpha", "must be >= 0")
-        if self.bias_update_speed < 0:
-            fail("bias_update_speed", "must be >= 0")
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
+            number(name, 0, above=True)
+        for name in ("initializer_range", "mtp_loss_weight", "aux_loss_alpha", "bias_update_speed"):
+            number(name, 0, above=False)
 
     # -- serialisation
     def to_dict(self) -> dict:

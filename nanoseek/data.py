@@ -131,21 +131,21 @@ def _pieces(doc: str, size: int = 1 << 16) -> list[str]:
     return out
 
 
-DATA_FORMAT = 2
+DATA_FORMAT = 3
 """Version of the shards' layout; shards of another version are tokenized again (1: a batch's <|bos|> tokens
-came before all its documents)."""
+came before all its documents; 2: a document's text "<|eos|>" became the special token)."""
 
 
 def encode_documents(tokenizer, docs: list[str], batch_chars: int = 1 << 22) -> np.ndarray:
-    """All documents as one token stream, <|bos|> before each. Encoded in batches (tokenizers runs a
-    batch on all cores)."""
+    """All documents as one token stream, <|bos|> before each; a document's text is text (its "<|eos|>" is seven
+    characters, not the special token). Encoded in batches (tokenizers runs a batch on all cores)."""
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     chunks, batch, size = [], [], 0
 
     bos = np.asarray([tokenizer.bos_id], dtype=dtype)
 
     def flush():
-        for (j, _), ids in zip(batch, tokenizer.encode_batch([p for _, p in batch])):
+        for (j, _), ids in zip(batch, tokenizer.encode_batch([p for _, p in batch], literal=True)):
             if j == 0:  # a document's first piece
                 chunks.append(bos)
             chunks.append(np.asarray(ids, dtype=dtype))

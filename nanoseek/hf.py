@@ -35,6 +35,8 @@ SHARED_FIELDS = (
     "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob", "hidden_act", "max_position_embeddings",
     "initializer_range", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
     "num_nextn_predict_layers",
+    # training settings (transformers keeps unknown keys; DeepSeek's own config.json has aux_loss_alpha)
+    "mtp_loss_weight", "aux_loss_alpha", "bias_update_speed",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -117,7 +119,8 @@ def from_hf_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: st
         else:
             out[name] = torch.stack([get(n) for n in hf_names])
     copies = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight")
-    extra = sorted(k for k in set(tensors) - used if not copies.fullmatch(k)
+    # transformers builds (and saves) shared experts of width 0 for n_shared_experts=0: empty tensors, ignored
+    extra = sorted(k for k in set(tensors) - used if not copies.fullmatch(k) and tensors[k].numel()
                    and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
     if extra:
         raise CheckpointError(f"{source}: unexpected tensor {extra[0]} (the config has no such weight)")
@@ -174,13 +177,14 @@ def config_from_hf(d: dict, source: str) -> ModelConfig:
 def export(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
            dtype: torch.dtype = torch.float32) -> Path:
     """Write a directory that transformers.DeepseekV3ForCausalLM.from_pretrained loads."""
+    config = hf_config(model.config, dtype)  # refuses what is not a DeepseekV3 before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = to_hf_state(model)
     bias = re.compile(r".*e_score_correction_bias")  # stays fp32, as transformers keeps it
     state = {k: v if bias.fullmatch(k) else v.to(dtype) for k, v in state.items()}
     save_tensors(out / "model.safetensors", state, metadata={"format": "pt"})
-    atomic_write_text(out / "config.json", json.dumps(hf_config(model.config, dtype), indent=2) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     gen = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
            if getattr(model.config, k) is not None}
     atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")

@@ -457,6 +457,9 @@ class NanoSeek(nn.Module):
         return self.mtp[k](h_prev, self.model.embed_tokens(next_ids), cos, sin, cache, absorb)
 
     def forward(self, input_ids, targets=None, *, positions=None, cache=None, absorb=False):
+        if targets is not None:  # the auxiliary losses of this forward only (an MTP module may not run: S <= depth)
+            for m in self.moe_layers():
+                m.aux_loss = None
         h = self.hidden(input_ids, positions, cache, absorb)
         if targets is None:
             return self.lm_head(h)

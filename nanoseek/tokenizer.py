@@ -5,11 +5,16 @@ BPE with no normaliser is lossless: decode(encode(s)) == s for any UTF-8 string.
 
 Chat format (DeepSeek-R1's shape, ASCII markers):
     <|bos|>[<|system|>system text]<|user|>question<|assistant|><think>reasoning</think>answer<|eos|>...
+
+Text is text: the markers are special tokens only where the template puts them. A message (and a pretraining
+document) that contains the characters "<|assistant|>" is encoded as those characters (`literal=True`), so
+a user cannot forge a turn; only an assistant message's <think> and </think> are the special tokens.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -20,6 +25,7 @@ SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 THINK, END_THINK = "<think>", "</think>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, THINK, END_THINK]
 ROLE_MARKERS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+THINK_TAGS = re.compile(f"({re.escape(THINK)}|{re.escape(END_THINK)})")
 
 # GPT-4-style split, but digits one at a time (small models learn arithmetic better digit by digit)
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
@@ -47,6 +53,7 @@ class Tokenizer:
         self._bytes: dict[int, bytes] = {}  # token_bytes, computed once per id
         self._byte_level = isinstance(tk.decoder, decoders.ByteLevel)
         self._added = set(tk.get_added_tokens_decoder())
+        self._literal_tk = None  # a copy that encodes special tokens' text as ordinary text (made when needed)
         found = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
         self.special = {t: i for t, i in found.items() if i is not None}
         self.native = len(self.special) == len(SPECIAL_TOKENS)
@@ -67,9 +74,21 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size()
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
+    def _encoder(self, literal: bool):
+        if not literal:
+            return self.tk
+        if self._literal_tk is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._literal_tk = HFTokenizer.from_str(self.tk.to_str())
+            self._literal_tk.encode_special_tokens = True
+        return self._literal_tk
+
+    def encode(self, text: str, bos: bool = False, literal: bool = False) -> list[int]:
+        """Token ids of text; `literal`: the text of a special token (e.g. "<|eos|>") is encoded as ordinary
+        text, not as that token (for text from users and documents)."""
         try:
-            ids = self.tk.encode(text, add_special_tokens=False).ids
+            ids = self._encoder(literal).encode(text, add_special_tokens=False).ids
         except TypeError:
             if not isinstance(text, str):
                 raise
@@ -77,8 +96,8 @@ class Tokenizer:
             raise UserError("the text is not valid Unicode (it holds a lone surrogate)") from None
         return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], literal: bool = False) -> list[list[int]]:
+        return [e.ids for e in self._encoder(literal).encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
@@ -109,7 +128,10 @@ class Tokenizer:
                 raise UserError(f"message {i}: needs role system/user/assistant and a string content")
             ids.append(self.special[ROLE_MARKERS[role]])
             mask.append(0)
-            body = self.encode(content)
+            body = []  # text as text; in an assistant's reply <think> and </think> are the special tokens
+            for piece in THINK_TAGS.split(content) if role == "assistant" else [content]:
+                tag = role == "assistant" and piece in (THINK, END_THINK)
+                body += [self.special[piece]] if tag else self.encode(piece, literal=True)
             if role == "assistant":
                 body.append(self.eos_id)
             ids += body

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from helpers import corpus_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoseek.chat import THINK_BLOCK, TextStream
+from nanoseek.chat import THINK_BLOCK, TextStream, _fit
 from nanoseek.checkpoint import save_model
 from nanoseek.cli import main
 from nanoseek.config import preset
@@ -125,6 +126,43 @@ def test_chat_drops_old_exchanges_when_the_context_is_full(run_dir, capsys, monk
     out, err = capsys.readouterr()
     assert "(dropped the 1 oldest exchange(s) to fit the context of 256 tokens)" in out
     assert err.strip() == "error: that message alone does not fit the context of 256 tokens"
+
+
+def test_chat_goes_on_after_a_message_it_cannot_take(run_dir, capsys, monkeypatch):
+    """A line that is not valid Unicode (bytes that are not UTF-8 arrive as lone surrogates) fails alone."""
+    d, model, tok = run_dir
+    monkeypatch.setattr(sys, "stdin", io.StringIO("caf\udce9\nhello there\n"))
+    assert main(["chat", str(d), "--temperature", "0", "--max-new-tokens", str(MAX_NEW)]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip() == "error: the text is not valid Unicode (it holds a lone surrogate)"
+    stop = [tok.eos_id, tok.special[USER], tok.special[SYSTEM]]
+    ids = tok.render_chat([{"role": "user", "content": "hello there"}], add_generation_prompt=True)[0]
+    assert out == tok.decode(greedy(model, ids, stop)) + "\n"
+
+
+def test_chat_keeps_room_for_a_reply(run_dir):
+    """Old exchanges are dropped until the reply has room (not only one token); the last message alone may
+    leave less."""
+    _, _, tok = run_dir
+    exchange = [{"role": "user", "content": "the king " * 30}, {"role": "assistant", "content": "good night " * 30}]
+    history = exchange * 2 + [{"role": "user", "content": "hi"}]
+    full = len(tok.render_chat(history, add_generation_prompt=True)[0])
+    ids, dropped = _fit(tok, None, history, full + 10, room=10)
+    assert dropped == 0 and len(ids) == full
+    ids, dropped = _fit(tok, None, history, full + 9, room=10)
+    assert dropped == 2 and len(ids) + 10 <= full + 9
+    last = len(tok.render_chat(history[-1:], add_generation_prompt=True)[0])
+    assert _fit(tok, None, history, last + 1, room=10) == (tok.render_chat(history[-1:], True)[0], 4)
+    assert _fit(tok, None, history, last, room=10) == (None, 0)
+
+
+def test_generate_refuses_stdin_that_is_not_utf8(run_dir):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # strict decoding, as under en_US.UTF-8
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "generate", str(run_dir[0])], input=b"caf\xe9\n",
+                       capture_output=True, env=env, timeout=120)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr
+    assert r.stderr.decode().strip() == ("nanoseek generate: error: the text is not valid Unicode (it holds a "
+                                         "lone surrogate)")
 
 
 def one_line_error(capsys, *args):

@@ -58,6 +58,10 @@ def test_every_document_starts_with_bos_in_the_stream(tok):
     expected = np.concatenate([[tok.bos_id, *tok.encode(d)] for d in docs])
     for batch_chars in (1, 100, 1 << 22):  # a flush after every document, after some, at the end only
         assert encode_documents(tok, docs, batch_chars).tolist() == expected.tolist()
+    # a document's "<|eos|>" is text, not the special token
+    stream = encode_documents(tok, ["a <|eos|> b <|bos|>"]).tolist()
+    assert stream[0] == tok.bos_id and tok.eos_id not in stream and tok.bos_id not in stream[1:]
+    assert tok.decode(stream[1:]) == "a <|eos|> b <|bos|>"
 
 
 def test_split_is_nanogpts_on_one_file():

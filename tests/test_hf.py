@@ -54,9 +54,10 @@ def test_logits_match_transformers(tmp_path, name):
 
 
 def test_export_import_round_trip_is_bit_identical(tmp_path):
-    model = random_model(num_nextn_predict_layers=2)
+    model = random_model(num_nextn_predict_layers=2, bias_update_speed=0.01, mtp_loss_weight=1.0)
     export(model, tmp_path / "hf")
     back = import_dir(tmp_path / "hf")
+    assert back.config == model.config  # the training settings too
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -65,8 +66,9 @@ def test_export_import_round_trip_is_bit_identical(tmp_path):
     assert cfg["num_nextn_predict_layers"] == 2 and cfg["model_type"] == "deepseek_v3"
 
 
-def test_load_reads_run_checkpoint_and_transformers_dirs(tmp_path):
-    model = random_model()
+@pytest.mark.parametrize("overrides", [{}, {"n_shared_experts": 0}])  # (transformers then saves empty tensors)
+def test_load_reads_run_checkpoint_and_transformers_dirs(tmp_path, overrides):
+    model = random_model(**overrides)
     save_model(model, tmp_path / "run" / "base")
     m1, tok = nanoseek.load(tmp_path / "run")
     assert tok is None and all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), model.state_dict().values()))
@@ -103,4 +105,5 @@ def test_dense_baseline_refuses_export(tmp_path):
     from nanoseek.config import ConfigError
 
     with pytest.raises(ConfigError, match="mha"):
-        export(NanoSeek(preset("dense", vocab_size=64, hidden_size=32, num_hidden_layers=1)), tmp_path)
+        export(NanoSeek(preset("dense", vocab_size=64, hidden_size=32, num_hidden_layers=1)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -86,6 +86,13 @@ def test_mtp_loss_finite_and_reaches_mtp_weights():
             g = model.mtp[k].get_parameter(name).grad
             assert g is not None and g.abs().sum() > 0, (k, name)
     assert model.mtp[0].block.mlp.gate.weight.grad.abs().sum() > 0  # aux loss and routing reach the router
+    # a sequence of one token: no MTP module runs, and the auxiliary loss is this forward's only (was the MTP
+    # layers' from the step before, whose graph was freed: backward failed)
+    short = model(ids[:, :1], ids[:, 1:2])
+    assert short.mtp_loss is None
+    moe = [m for m in model.model.layers if hasattr(m.mlp, "gate")]
+    torch.testing.assert_close(short.aux_loss, sum(m.mlp.aux_loss for m in moe))
+    short.loss.backward()
 
 
 def test_targets_minus_one_are_ignored():
@@ -134,6 +141,9 @@ def test_train_step_reduces_loss(name):
     ("n_group", 3),  # does not divide 8 experts
     ("attention_type", "gqa"),
     ("hidden_size", 0),
+    ("rms_norm_eps", "abc"),  # the wrong type: an error naming the field, not a TypeError
+    ("num_experts_per_tok", None),  # (DeepseekV3Config types it int | None)
+    ("routed_scaling_factor", 0),
 ])
 def test_inconsistent_config_is_rejected_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=field):

@@ -118,14 +118,63 @@ def test_stop_button_cancels_the_generation(page, model_and_tokenizer):
         sync_api.expect(page.locator("#send")).to_be_enabled()
 
 
+def sent_messages(page) -> list:
+    """The `messages` of every chat request the page sends, in order."""
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json["messages"])
+            if r.url.endswith("/v1/chat/completions") else None)
+    return bodies
+
+
 def test_api_key_field_when_the_server_wants_one(page, model_and_tokenizer):
     model, tok = model_and_tokenizer
     with serving(Server(model, tok, "tiny", api_key="sekret", max_batch=2)) as url:
+        bodies = sent_messages(page)
         page.goto(url)
         sync_api.expect(page.locator("#key-field")).to_be_visible()
         settings(page, max_tokens=4)
         send(page, "hello")
         sync_api.expect(page.locator(".msg.assistant .meta")).to_contain_text("API key")
         settings(page, api_key="sekret")
-        send(page, "hello")
+        send(page, "hello again")
         sync_api.expect(page.locator(".msg.assistant .meta").nth(1)).to_contain_text("tokens", timeout=20_000)
+        # the refused message is not part of the conversation (nor an empty reply to it)
+        assert bodies[1] == [{"role": "user", "content": "hello again"}]
+
+
+def test_a_long_conversation_drops_its_oldest_exchanges(page, model_and_tokenizer):
+    """The tiny model's context is 256 tokens: the second long message does not fit with the first exchange,
+    so the page drops that exchange and asks again, and says so."""
+    model, tok = model_and_tokenizer
+    long = " ".join(["the king said good night"] * 24)
+    assert 100 < len(tok.encode(long)) < 128
+    with serving(Server(model, tok, "tiny", max_batch=2)) as url:
+        bodies = sent_messages(page)
+        page.goto(url)
+        settings(page, max_tokens=8, temperature=0)
+        send(page, long)
+        meta = page.locator(".msg.assistant .meta")
+        sync_api.expect(meta).to_contain_text("tokens", timeout=20_000)
+        send(page, long + " again")
+        sync_api.expect(meta.nth(1)).to_contain_text("dropped the 1 oldest exchange(s)", timeout=20_000)
+        assert [len(b) for b in bodies] == [1, 3, 1] and bodies[2] == [{"role": "user", "content": long + " again"}]
+
+
+def test_new_chat_during_an_answer_starts_clean(page, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    server = Server(model, tok, "tiny", max_batch=2)
+    step = server.engine.step
+    server.engine.step = lambda: (time.sleep(0.05), step())[1]  # slow enough to start over mid-stream
+    with serving(server) as url:
+        bodies = sent_messages(page)
+        page.goto(url)
+        settings(page, max_tokens=200, temperature=0)
+        send(page, "Tell me a long story")
+        page.wait_for_function("document.querySelector('.answer') && "
+                               "document.querySelector('.answer').textContent.length > 0")
+        page.click("#new-chat")
+        sync_api.expect(page.locator("#send")).to_be_enabled()
+        settings(page, max_tokens=4)
+        send(page, "fresh start")
+        sync_api.expect(page.locator(".msg.assistant .meta")).to_contain_text("tokens", timeout=20_000)
+        assert bodies[-1] == [{"role": "user", "content": "fresh start"}]
