@@ -236,8 +236,10 @@ def run_chat(args) -> None:
             system, history = rest.strip() or None, []
             print("(system prompt set, conversation reset)" if system else "(system prompt cleared)")
             continue
-        if command.startswith("/"):
-            print(HELP)
+        if command.startswith("//"):  # a message that starts with "/"
+            line = line.lstrip()[1:]
+        elif command.startswith("/"):
+            print(f"unknown command {command}; {HELP}; start a message with // to send a line beginning with /")
             continue
         history.append({"role": "user", "content": line})
         try:

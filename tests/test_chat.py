@@ -12,7 +12,7 @@ from helpers import corpus_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoseek.chat import THINK_BLOCK, TextStream, _fit
+from nanoseek.chat import HELP, THINK_BLOCK, TextStream, _fit
 from nanoseek.checkpoint import save_model
 from nanoseek.cli import main
 from nanoseek.config import preset
@@ -98,8 +98,8 @@ def test_generate_from_an_exported_transformers_directory(run_dir, tmp_path, cap
 
 def test_chat_commands_and_history(run_dir, capsys, monkeypatch):
     d, model, tok = run_dir
-    lines = ["hello there", "/system Be brief.", "who are you", "and then?", "/reset", "who are you", "/exit",
-             "never read"]
+    lines = ["hello there", "/system Be brief.", "who are you", "and then?", "/reset", "/usr is a directory",
+             "//who are you", "/exit", "never read"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
     assert main(["chat", str(d), "--temperature", "0", "--max-new-tokens", str(MAX_NEW)]) == 0
     out = capsys.readouterr().out
@@ -114,7 +114,9 @@ def test_chat_commands_and_history(run_dir, capsys, monkeypatch):
     r3 = reply([sys_msg, {"role": "user", "content": "who are you"},
                 {"role": "assistant", "content": THINK_BLOCK.sub("", r2).strip()},
                 {"role": "user", "content": "and then?"}])
-    assert out == (f"{r1}\n(system prompt set, conversation reset)\n{r2}\n{r3}\n(conversation reset)\n{r2}\n")
+    r4 = reply([sys_msg, {"role": "user", "content": "/who are you"}])
+    unknown = f"unknown command /usr; {HELP}; start a message with // to send a line beginning with /"
+    assert out == f"{r1}\n(system prompt set, conversation reset)\n{r2}\n{r3}\n(conversation reset)\n{unknown}\n{r4}\n"
 
 
 def test_chat_drops_old_exchanges_when_the_context_is_full(run_dir, capsys, monkeypatch):
