@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -73,21 +74,29 @@ class SamplingParams:
         def bad(name, why):
             raise UserError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
 
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
-                or self.temperature < 0:
+        def integer(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def number(x):
+            return (integer(x) or isinstance(x, float)) and math.isfinite(x)
+
+        if not number(self.temperature) or self.temperature < 0:
             bad("temperature", "must be a finite number >= 0 (0 is greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not integer(self.top_k) or self.top_k < 0:
             bad("top_k", "must be an integer >= 0 (0 disables it)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not integer(self.max_new_tokens) or self.max_new_tokens < 1:
             bad("max_new_tokens", "must be an integer >= 1")
-        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+        if not integer(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             bad("top_logprobs", f"must be an integer in 0..{MAX_TOP_LOGPROBS}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
+        if self.seed is not None and (not integer(self.seed) or not -(2**63) <= self.seed < 2**63):
             bad("seed", "must be a 64-bit signed integer")
-        self.stop_token_ids = tuple(self.stop_token_ids)
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+        try:
+            self.stop_token_ids = tuple(self.stop_token_ids)
+        except TypeError:
+            bad("stop_token_ids", "must be a list of token ids")
+        if not all(integer(t) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative token ids")
 
     @property
@@ -121,7 +130,7 @@ class Event:
     temperature / top-k / top-p): what RL needs."""
     finish_reason: str | None = None
     """None while the request runs; "stop" (a stop token or stop_check), "length" (max_new_tokens or the
-    context is full) on its last token."""
+    context is full) or "error" (its stop_check raised) on its last token."""
     top_logprobs: Top | None = None
     """With SamplingParams.top_logprobs = k: the k most likely tokens at this position (the same log-probs)."""
     prompt_logprobs: PromptLogprobs | None = None
@@ -464,6 +473,7 @@ class _Sequence:
     top_logprobs: list[Top] = field(default_factory=list)
     prompt_logprobs: PromptLogprobs | None = None
     finish_reason: str | None = None
+    outbox: deque[Event] | None = None  # stream()'s: this request's events, whoever ran the step
     # speculative decoding: (hidden state at i, token i+1) pairs the MTP module has not seen yet
     mtp_h: torch.Tensor | None = None
     mtp_ids: list[int] = field(default_factory=list)
@@ -476,7 +486,7 @@ class _Sequence:
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """logits [V] (fp32) -> the sampling distribution after temperature, top-k and top-p."""
-    logits = logits / p.temperature
+    logits = (logits - logits.max()) / p.temperature  # the best at 0: no inf - inf at a tiny temperature
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = logits.topk(p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -552,6 +562,7 @@ class Engine:
         self.running: list[_Sequence] = []
         self.sequences: dict[int, _Sequence] = {}
         self._ids = itertools.count()
+        self._errors: list[Exception] = []  # raised by stop_check callbacks during a step
         self.stats = {"drafted": 0, "accepted": 0}
 
     def _make_forward(self):
@@ -614,7 +625,10 @@ class Engine:
     # -- the step loop
     def step(self) -> list[Event]:
         """Admit waiting requests into free slots (one batched prefill, which yields their first token),
-        then decode one token (speculative: one or two) for every sequence that was already running."""
+        then decode one token (speculative: one or two) for every sequence that was already running.
+
+        A stop_check callback that raises ends its own request (finish_reason "error"); the other sequences
+        of the batch still get their tokens, and then step() raises that exception."""
         events = []
         with torch.inference_mode(), _eval(self.model):
             decoding = list(self.running)
@@ -625,9 +639,17 @@ class Engine:
                 events += self._prefill(admitted)
             if decoding:
                 events += self._speculate(decoding) if self.speculative else self._decode(decoding)
+        if self.compile and getattr(self.forward, "compiled", True) is None:  # it failed: do not retry at refolds
+            self.compile = False
         for ev in events:
+            seq = self.sequences.get(ev.request_id)
+            if seq is not None and seq.outbox is not None:
+                seq.outbox.append(ev)
             if ev.finish_reason is not None:
                 self.sequences.pop(ev.request_id, None)
+        if self._errors:
+            error, self._errors = self._errors[0], []
+            raise error
         return events
 
     def _admit(self) -> list[_Sequence]:
@@ -740,8 +762,8 @@ class Engine:
             seq.logprobs.append(lp)
             if top is not None:
                 seq.top_logprobs.append(top)
-            if t in p.stop_token_ids or (p.stop_check is not None and p.stop_check(seq.tokens)):
-                seq.finish_reason = "stop"
+            if t in p.stop_token_ids or (p.stop_check is not None and self._check(p.stop_check, seq)):
+                seq.finish_reason = seq.finish_reason or "stop"
             elif len(seq.tokens) >= p.max_new_tokens or len(seq.prompt) + len(seq.tokens) >= self.max_len:
                 seq.finish_reason = "length"
             events.append(Event(seq.id, t, lp, seq.finish_reason, top))
@@ -749,6 +771,14 @@ class Engine:
                 self._release(seq)
                 break
         return events
+
+    def _check(self, stop_check, seq: _Sequence) -> bool:
+        try:
+            return stop_check(seq.tokens)
+        except Exception as e:  # noqa: BLE001 - the caller's code: end this request only, raise after the step
+            self._errors.append(e)
+            seq.finish_reason = "error"
+            return True
 
     # -- MTP self-speculative decoding
     def _speculate(self, seqs: list[_Sequence]) -> list[Event]:
@@ -822,7 +852,7 @@ class Engine:
             for p, sp in zip(prompts, many):
                 ids.append(self.add_request(p, sp))
             seqs = [self.sequences[i] for i in ids]
-            while any(s.finish_reason is None for s in seqs):
+            while any(s.finish_reason is None and s.id in self.sequences for s in seqs):  # (or aborted)
                 self.step()
         except BaseException:  # a bad prompt among them, an interrupt: none of this call's requests stays queued
             for i in ids:
@@ -834,13 +864,17 @@ class Engine:
     def stream(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Iterator[Event]:
         """Yield the events of one request as they are generated (drives step() itself)."""
         rid = self.add_request(prompt, params)
+        seq = self.sequences[rid]
+        seq.outbox = deque()  # (another stream or generate() may run the step that makes our event)
         try:
-            while True:
-                for ev in self.step():
-                    if ev.request_id == rid:
-                        yield ev
-                        if ev.finish_reason is not None:
-                            return
+            while seq.outbox or rid in self.sequences:
+                if not seq.outbox:
+                    self.step()
+                    continue
+                ev = seq.outbox.popleft()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
         finally:
             self.abort(rid)  # the caller stopped iterating early: free the slot
 

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from nanoseek.chat import TextStream, turn_end_ids
 from nanoseek.engine import MAX_TOP_LOGPROBS, Engine, Event, PromptLogprobs, SamplingParams
@@ -40,6 +41,7 @@ from nanoseek.tokenizer import END_THINK, THINK
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 API_KEY_ENV = "NANOSEEK_API_KEY"
 MAX_STOPS = 16
+UNION_MEMBER = re.compile(r"(str|int|float|bool|dict|list|tuple)(\[.*\])?")  # as pydantic names them in an error
 
 
 class APIError(Exception):
@@ -173,12 +175,11 @@ class EngineLoop:
                                              (handle.request_ids[rid], RuntimeError(message)))
         self.handles.clear()
 
-    def tokens_per_s(self) -> float:
-        recent = list(self.recent)
-        if len(recent) < 2:
-            return 0.0
-        span = max(time.time() - recent[0][0], 1e-3)
-        return sum(n for _, n in recent) / span
+    def tokens_per_s(self, window: float = 10.0) -> float:
+        """Tokens generated per second over the last `window` seconds (0 when idle)."""
+        now = time.time()
+        window = min(window, now - self.stats["started"])
+        return sum(n for t, n in list(self.recent) if now - t <= window) / max(window, 1e-3)
 
 
 def _deliver(items: list) -> None:
@@ -346,6 +347,13 @@ def _schemas():
         top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # chat only
         echo: bool | None = None  # completions only
         best_of: int | None = None
+        # not implemented: refused (400) unless absent or at their neutral value
+        response_format: dict | None = None
+        logit_bias: dict | None = None
+        frequency_penalty: float | None = None
+        presence_penalty: float | None = None
+        tools: list | None = None
+        suffix: str | None = None
 
         @model_validator(mode="before")
         @classmethod
@@ -361,9 +369,11 @@ def _schemas():
 
     class ChatRequest(Sampling):
         messages: list[Message] = Field(min_length=1)
+        default_max_tokens: ClassVar[int | None] = None  # chat: as many as the context leaves
 
     class CompletionRequest(Sampling):
         prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids as they are (no BOS added)
+        default_max_tokens: ClassVar[int | None] = 16  # OpenAI's legacy completions (and vLLM's) default
 
     return ChatRequest, CompletionRequest
 
@@ -425,6 +435,8 @@ class Server:
             raise APIError(400, f"{param}={max_tokens} is too large: the prompt has {prompt_len} tokens and the "
                                 f"context holds {self.engine.max_len}, so at most {room} can be generated",
                            param=param, code="context_length_exceeded")
+        if max_tokens is None:  # chat: as many as the context leaves; completions: 16, as OpenAI's and vLLM's
+            max_tokens = min(req.default_max_tokens or room, room)
         hold = max((len(s.encode()) for s in stops), default=0) + 8  # a byte-level token holds >= 1 byte
         tokenizer = self.tokenizer
 
@@ -434,7 +446,7 @@ class Server:
 
         seed = None if req.seed is None else req.seed + index
         return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                              max_new_tokens=max_tokens or room, stop_token_ids=stop_ids, seed=seed,
+                              max_new_tokens=max_tokens, stop_token_ids=stop_ids, seed=seed,
                               stop_check=stop_check if stops else None, top_logprobs=logprobs or 0,
                               prompt_logprobs=score_prompt)
 
@@ -447,15 +459,25 @@ class Server:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > MAX_STOPS or any(not s for s in stops):  # (OpenAI takes 4; evaluation harnesses send more)
             raise APIError(400, f"stop takes up to {MAX_STOPS} non-empty strings", param="stop")
+        try:
+            [s.encode() for s in stops]
+        except UnicodeEncodeError:
+            raise APIError(400, "stop is not valid Unicode (it holds a lone surrogate)", param="stop") from None
         return stops
 
     def _check_request(self, req, chat: bool) -> int | None:
         """Refuse what this server cannot answer (rather than answer without it); -> the alternatives per token
         when log-probs are asked for, else None."""
-        unsupported = {"best_of": (req.best_of or 1) > 1, "echo": chat and bool(req.echo)}
+        unsupported = {"best_of": (req.best_of or 1) > 1, "echo": chat and bool(req.echo),
+                       "response_format": (req.response_format or {}).get("type", "text") != "text",
+                       "logit_bias": bool(req.logit_bias), "frequency_penalty": bool(req.frequency_penalty),
+                       "presence_penalty": bool(req.presence_penalty), "tools": bool(req.tools),
+                       "suffix": bool(req.suffix)}
         for name, asked in unsupported.items():
             if asked:
                 raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options needs stream: true", param="stream_options", code="invalid_value")
         if req.model not in (None, "", self.name):
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
@@ -574,12 +596,15 @@ def create_app(server: Server):
         return error(APIError(500, f"internal error ({type(e).__name__})"))
 
     async def body_of(request: Request, schema):
-        data = await request.body()  # chunked bodies have no content-length: bound them here too
-        if len(data) > server.max_body_bytes:
-            raise APIError(413, f"the request body exceeds {server.max_body_bytes} bytes", code="request_too_large")
+        data = bytearray()  # chunked bodies have no content-length: bound them while they arrive
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > server.max_body_bytes:
+                raise APIError(413, f"the request body exceeds {server.max_body_bytes} bytes",
+                               code="request_too_large")
         try:
             raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # (RecursionError: nested thousands deep)
             raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
         if not isinstance(raw, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
@@ -600,10 +625,19 @@ def create_app(server: Server):
     async def page():
         return FileResponse(WEB_PAGE, media_type="text/html")
 
+    def model_card() -> dict:
+        return {"id": server.name, "object": "model", "created": server.created, "owned_by": "nanoseek"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
-                                            "owned_by": "nanoseek"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != server.name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {server.name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -726,8 +760,12 @@ def create_app(server: Server):
 def _validation_error(errors: list[dict]) -> APIError:
     """pydantic's first complaint as a 400 naming the field (OpenAI answers invalid values with 400)."""
     first = errors[0]
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-    return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where, code="invalid_value")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    where = ".".join(loc) or None
+    # the field without the union member pydantic tried ("stop.list[str].0" -> "stop")
+    field = next((i for i, x in enumerate(loc) if UNION_MEMBER.fullmatch(x)), len(loc))
+    return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid value')}",
+                    param=".".join(loc[:field]) or None, code="invalid_value")
 
 
 class Guard:

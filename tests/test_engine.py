@@ -266,6 +266,45 @@ def test_stop_tokens_stop_checks_and_lengths(model):
     assert len(out.tokens) == 20 - 14 and out.finish_reason == "length"  # the context is full
 
 
+def test_streams_and_generate_interleaved_each_get_all_their_tokens(model):
+    """A step run by one caller also makes the others' tokens: each stream still yields all of its own."""
+    e = Engine(model, max_batch=4)
+    a, b = e.stream([1, 2, 3], GREEDY), e.stream([4, 5], SamplingParams(temperature=0, max_new_tokens=3))
+    first = next(a)
+    assert [ev.token for ev in b] == greedy_reference(model, [4, 5], 3)  # runs a's steps too
+    assert [first.token, *(ev.token for ev in a)] == greedy_reference(model, [1, 2, 3], 12)
+    c = e.stream([6, 7], GREEDY)
+    next(c)
+    assert e.generate([[8, 9]], GREEDY)[0].tokens == greedy_reference(model, [8, 9], 12)
+    assert len([next(c), *c]) == 11 and not e.has_work()
+
+
+def test_a_failing_stop_check_ends_its_request_only(model):
+    e = Engine(model, max_batch=2)
+
+    def fails(ids):
+        if len(ids) == 3:
+            raise KeyError("the caller's bug")
+        return False
+    bad = e.add_request([1, 2, 3], SamplingParams(temperature=0, stop_check=fails))
+    good = e.add_request([4, 5], GREEDY)
+    tokens = []
+    with pytest.raises(KeyError):
+        for _ in range(3):
+            tokens += [ev.token for ev in e.step() if ev.request_id == good]
+    assert bad not in e.sequences and e.sequences[good].tokens == tokens + e.sequences[good].tokens[len(tokens):]
+    while e.has_work():
+        e.step()
+    assert e.sequences == {} and sorted(e.cache.free_slots) == [0, 1]
+    # the other request's tokens are those of a run alone (its cache did not drift)
+    assert Engine(model).generate([[4, 5]], GREEDY)[0].tokens == greedy_reference(model, [4, 5], 12)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan(model):
+    out = Engine(model).generate([[1, 2, 3]], SamplingParams(temperature=1e-40, max_new_tokens=12, seed=0))[0]
+    assert out.tokens == greedy_reference(model, [1, 2, 3], 12)
+
+
 def test_fast_weights_follow_a_trained_model(model):
     m = random_model()
     e = Engine(m)
@@ -373,9 +412,13 @@ def test_compile_falls_back_to_eager_when_the_compiler_fails(trained, monkeypatc
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: no C++ compiler")
     monkeypatch.setattr(decode, "_graph", lambda fn, small: broken)
-    out = Engine(trained, max_batch=1, compile=True).generate([[1, 2]], GREEDY)[0]
+    engine = Engine(trained, max_batch=1, compile=True)
+    out = engine.generate([[1, 2]], GREEDY)[0]
     assert out.tokens == greedy_reference(trained, [1, 2], 12)
     assert "no C++ compiler" in capsys.readouterr().err
+    with torch.no_grad():
+        trained.lm_head.weight.mul_(1.0)  # an in-place update: the weights are folded again, and not compiled
+    assert engine.generate([[1, 2]], GREEDY)[0].tokens == out.tokens and capsys.readouterr().err == ""
 
 
 def test_compile_needs_the_fast_mla_path(trained):
@@ -388,6 +431,7 @@ def test_compile_needs_the_fast_mla_path(trained):
     (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(seed=2**64), "seed"), (dict(top_logprobs=21), "top_logprobs"), (dict(top_logprobs=-1), "top_logprobs"),
+    (dict(top_k=True), "top_k"), (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop_token_ids=None), "stop"),
 ])
 def test_invalid_sampling_parameters_are_user_errors(kwargs, field):
     with pytest.raises(UserError, match=field):

@@ -2,9 +2,11 @@
 concurrency, disconnects and the queue limit. A tiny random model: outputs are checked against the engine."""
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -12,7 +14,7 @@ import pytest
 
 from nanoseek.chat import turn_end_ids
 from nanoseek.engine import Engine, Event, SamplingParams
-from nanoseek.server import ChoiceText, Server, serving, split_reasoning
+from nanoseek.server import ChoiceText, EngineLoop, Server, serving, split_reasoning
 from nanoseek.tokenizer import END_THINK, THINK
 
 
@@ -39,9 +41,22 @@ def chat(client, content, **kw):
 
 def test_models_health_and_metrics(client, url):
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
     assert httpx.get(url + "/health").json() == {"status": "ok", "model": "tiny", "auth": False}
     m = httpx.get(url + "/metrics").json()
     assert {"requests_total", "tokens_per_s", "queue_depth", "running_batch"} <= m.keys()
+
+
+def test_tokens_per_second_is_that_of_the_last_ten_seconds():
+    loop = SimpleNamespace(recent=[], stats={"started": time.time() - 100})
+    rate = lambda: EngineLoop.tokens_per_s(loop)  # noqa: E731
+    assert rate() == 0
+    loop.recent = [(time.time() - 1, 50), (time.time() - 0.5, 50)]
+    assert rate() == pytest.approx(10, rel=0.01)  # 100 tokens over the 10 s window, not over 0.5 s
+    loop.recent = [(time.time() - 30, 500)]
+    assert rate() == 0  # idle for 30 s: nothing recent
 
 
 def test_chat_is_greedy_engine_output(client, model_and_tokenizer):
@@ -71,6 +86,7 @@ def test_stream_equals_non_stream_and_reports_usage(client):
 
 def test_completions_n_seed_and_stop(client, model_and_tokenizer):
     model, tok = model_and_tokenizer
+    assert client.completions.create(model="tiny", prompt="The king").usage.completion_tokens <= 16  # OpenAI's default
     r = client.completions.create(model="tiny", prompt="The king", max_tokens=10, temperature=0)
     ref = engine_greedy(model, tok.encode("The king", bos=True), [tok.eos_id], 10)
     assert r.choices[0].text == tok.decode([t for t in ref.tokens if t != tok.eos_id])
@@ -104,6 +120,17 @@ def test_completions_n_seed_and_stop(client, model_and_tokenizer):
     (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}', 400, "top_logprobs"),
     (b'{"messages": [{"role": "user", "content": "x"}], "echo": true}', 400, "echo"),
     (b'{"messages": [{"role": "user", "content": "x"}], "best_of": 2}', 400, "best_of"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stop": "a\\ud800"}', 400, "stop"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stop": 5}', 400, "stop"),  # (not "stop.str")
+    (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}', 400,
+     "stream_options"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}', 400,
+     "response_format"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', 400, "tools"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}', 400, "logit_bias"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}', 400, "presence_penalty"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}', 400, "frequency_penalty"),
+    pytest.param(b'{"messages": ' + b'[' * 100_000 + b']' * 100_000 + b'}', 400, None, id="nested-too-deep"),
 ])
 def test_bad_requests_get_openai_errors(url, body, status, param):
     r = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
@@ -126,8 +153,12 @@ def test_surrogates_seeds_null_fields_and_unsupported_fields(url):
         r = httpx.post(url + "/v1/completions", json={"prompt": "The", "max_tokens": 2, **bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
     r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
-                                                       "logprobs": False, "top_logprobs": 0, "best_of": 1})
+                                                       "logprobs": False, "top_logprobs": 0, "best_of": 1,
+                                                       "response_format": {"type": "text"}, "presence_penalty": 0,
+                                                       "frequency_penalty": 0, "logit_bias": {}, "tools": []})
     assert r.status_code == 200
+    r = httpx.post(url + "/v1/completions", json={"prompt": "The", "suffix": "end"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
 
 
 def test_chat_logprobs_are_the_engines_streamed_or_not(client, model_and_tokenizer):
@@ -208,7 +239,6 @@ def test_logprob_entries_of_stop_tokens_and_split_characters(model_and_tokenizer
 
 
 def test_stop_strings_of_multi_byte_characters_are_seen(model_and_tokenizer):
-    from types import SimpleNamespace
 
     model, tok = model_and_tokenizer
     server = Server(model, tok, "tiny", max_batch=1)
@@ -228,6 +258,13 @@ def test_over_long_prompt_huge_body_and_unknown_route(client, url):
     assert e.value.body["code"] == "context_length_exceeded"
     r = httpx.post(url + "/v1/completions", content=b"x" * (2 << 20))
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # a chunked body (no Content-Length) is refused as it arrives: here it never ends, and the 413 comes anyway
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(2):
+            sock.sendall(b"100000\r\n" + b"x" * (1 << 20) + b"\r\n")
+        assert sock.recv(4096).split(b"\r\n")[0] == b"HTTP/1.1 413 Request Entity Too Large"
     r = httpx.get(url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
