@@ -460,7 +460,8 @@ class Server:
         if len(stops) > MAX_STOPS or any(not s for s in stops):  # (OpenAI takes 4; evaluation harnesses send more)
             raise APIError(400, f"stop takes up to {MAX_STOPS} non-empty strings", param="stop")
         try:
-            [s.encode() for s in stops]
+            for s in stops:
+                s.encode()
         except UnicodeEncodeError:
             raise APIError(400, "stop is not valid Unicode (it holds a lone surrogate)", param="stop") from None
         return stops
