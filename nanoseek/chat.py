@@ -28,6 +28,11 @@ def _common_arguments(p, max_new_tokens: int) -> None:
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
     g.add_argument("--top-k", type=int, default=50, help="0 disables it (default: 50)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1, off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divides the logits of tokens already seen (transformers' and vLLM's; above 1, e.g. 1.3, "
+                        "breaks the loops of a small model; default: 1, off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's presence penalty (-2..2)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's frequency penalty (-2..2)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     g.add_argument("--seed", type=int, help="makes sampling reproducible")
     g.add_argument("--speculative", action="store_true",
@@ -57,8 +62,9 @@ def _params(args, stop_token_ids, stop_check=None):
     from nanoseek.engine import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, stop_token_ids=stop_token_ids,
-                          stop_check=stop_check)
+                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, max_new_tokens=args.max_new_tokens,
+                          seed=args.seed, stop_token_ids=stop_token_ids, stop_check=stop_check)
 
 
 class TextStream:

@@ -56,6 +56,14 @@ class SamplingParams:
     """Sample among the k most likely tokens only (0: all)."""
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of most likely tokens whose probability reaches top_p (1: all)."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token already generated (-2..2; 0: off)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it was already generated (-2..2; 0: off)."""
+    repetition_penalty: float = 1.0
+    """transformers' and vLLM's: the logit of a token seen in the prompt or the output is divided by it when
+    positive, multiplied when negative (> 0; 1: off). The penalties steer the choice of tokens (greedy too);
+    log-probs stay those of the model's own distribution."""
     max_new_tokens: int = 256
     """Generated tokens at most (fewer when the context, max_len, fills up first)."""
     stop_token_ids: Sequence[int] = ()
@@ -86,6 +94,11 @@ class SamplingParams:
             bad("top_k", "must be an integer >= 0 (0 disables it)")
         if not number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be a number in -2..2")
+        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be a number > 0")
         if not integer(self.max_new_tokens) or self.max_new_tokens < 1:
             bad("max_new_tokens", "must be an integer >= 1")
         if not integer(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -102,6 +115,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1
 
 
 Top = list[tuple[int, float]]
@@ -500,6 +517,21 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def penalize(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """logits [V] (fp32) for the token after prompt + output -> with p's presence, frequency and repetition
+    penalties applied (a new tensor)."""
+    V = logits.shape[-1]
+    logits = logits.clone()
+    if p.repetition_penalty != 1:  # (first, as vLLM)
+        seen = torch.tensor(sorted({*prompt, *output}), dtype=torch.long, device=logits.device)
+        x = logits[seen]
+        logits[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+    if p.presence_penalty or p.frequency_penalty:
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=V).to(logits)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
+    return logits
+
+
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of probs [B, V], row b drawn with generators[b] (so a seeded request draws the same
     tokens whatever else is in the batch): inverse CDF with one uniform number per row, batched (one
@@ -736,14 +768,29 @@ class Engine:
         """logits [B, V] fp32 -> one token per row (argmax, or sampled with the row's own generator, so a
         seeded request draws the same tokens whatever else is in the batch), its log-prob, and the row's
         top_logprobs most likely tokens (None where not asked for)."""
-        tokens = logits.argmax(-1)
+        choice = self._penalized(logits[:, None], seqs)[:, 0]
+        tokens = choice.argmax(-1)
         rows = [b for b, seq in enumerate(seqs) if not seq.params.greedy]
         if rows:
-            probs = torch.stack([filtered_probs(logits[b], seqs[b].params) for b in rows])
+            probs = torch.stack([filtered_probs(choice[b], seqs[b].params) for b in rows])
             tokens[rows] = draw(probs, [seqs[b].generator for b in rows])
         logp = logits.log_softmax(-1)
         logprobs = logp.gather(1, tokens[:, None])[:, 0]
         return tokens.tolist(), logprobs.tolist(), self._tops(logp, seqs)
+
+    @staticmethod
+    def _penalized(logits: torch.Tensor, seqs: list[_Sequence], drafts: list[int] | None = None) -> torch.Tensor:
+        """logits [B, S, V]: position i of sequence b predicts the token after its output so far and the first
+        i drafts -> the logits its choice is made from (the same tensor when no sequence has a penalty)."""
+        rows = [b for b, s in enumerate(seqs) if s.params.penalized]
+        if not rows:
+            return logits
+        out = logits.clone()
+        for b in rows:
+            s = seqs[b]
+            for i in range(logits.shape[1]):
+                out[b, i] = penalize(logits[b, i], s.params, s.prompt, s.tokens + ([drafts[b]] if i else []))
+        return out
 
     @staticmethod
     def _tops(logp: torch.Tensor, seqs: list[_Sequence]) -> list[Top | None]:
@@ -800,6 +847,7 @@ class Engine:
         _, q_logits = fwd.mtp_decode(h_prev, next_ids.to(device), positions, self.mtp_cache)
         self.mtp_cache.advance(slots, n)
         q_logits = q_logits[torch.arange(B), torch.tensor(n, device=device) - 1]  # [B, V]
+        q_logits = self._penalized(q_logits[:, None], seqs)[:, 0]
         drafts = q_logits.argmax(-1)
         q_probs = {}
         for b, s in enumerate(seqs):
@@ -810,9 +858,10 @@ class Engine:
         ids = torch.stack((torch.tensor([s.last for s in seqs], device=device), drafts), 1)  # [B, 2]
         positions = self.cache.begin(slots, 2)
         h, logits = fwd.decode(ids, positions, self.cache)  # [B, 2, H], [B, 2, V]
-        best = logits.argmax(-1)  # [B, 2]
         logp = logits.log_softmax(-1)
-        drafts_l, best_l = drafts.tolist(), best.tolist()
+        drafts_l = drafts.tolist()
+        logits = self._penalized(logits, seqs, drafts_l)
+        best_l = logits.argmax(-1).tolist()  # [B, 2]
         # 3. accept or reject per sequence
         events = []
         for b, s in enumerate(seqs):

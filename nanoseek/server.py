@@ -337,6 +337,9 @@ def _schemas():
         temperature: float = Field(1.0, ge=0, le=2)
         top_p: float = Field(1.0, gt=0, le=1)
         top_k: int = Field(0, ge=0)
+        presence_penalty: float = Field(0.0, ge=-2, le=2)
+        frequency_penalty: float = Field(0.0, ge=-2, le=2)
+        repetition_penalty: float = Field(1.0, gt=0)  # vLLM's extra parameter
         max_tokens: int | None = Field(None, ge=1)
         max_completion_tokens: int | None = Field(None, ge=1)
         stop: str | list[str] | None = None
@@ -350,15 +353,14 @@ def _schemas():
         # not implemented: refused (400) unless absent or at their neutral value
         response_format: dict | None = None
         logit_bias: dict | None = None
-        frequency_penalty: float | None = None
-        presence_penalty: float | None = None
         tools: list | None = None
         suffix: str | None = None
 
         @model_validator(mode="before")
         @classmethod
         def _null_is_default(cls, data):  # OpenAI documents these as nullable: null means the default
-            nullable = ("n", "temperature", "top_p", "top_k", "stream")
+            nullable = ("n", "temperature", "top_p", "top_k", "stream", "presence_penalty", "frequency_penalty",
+                        "repetition_penalty")
             if isinstance(data, dict):
                 return {k: v for k, v in data.items() if v is not None or k not in nullable}
             return data
@@ -446,8 +448,10 @@ class Server:
 
         seed = None if req.seed is None else req.seed + index
         return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                              max_new_tokens=max_tokens, stop_token_ids=stop_ids, seed=seed,
-                              stop_check=stop_check if stops else None, top_logprobs=logprobs or 0,
+                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                              repetition_penalty=req.repetition_penalty, max_new_tokens=max_tokens,
+                              stop_token_ids=stop_ids, seed=seed, stop_check=stop_check if stops else None,
+                              top_logprobs=logprobs or 0,
                               prompt_logprobs=score_prompt)
 
     def _check_prompt(self, ids: list[int], param: str) -> None:
@@ -471,9 +475,7 @@ class Server:
         when log-probs are asked for, else None."""
         unsupported = {"best_of": (req.best_of or 1) > 1, "echo": chat and bool(req.echo),
                        "response_format": (req.response_format or {}).get("type", "text") != "text",
-                       "logit_bias": bool(req.logit_bias), "frequency_penalty": bool(req.frequency_penalty),
-                       "presence_penalty": bool(req.presence_penalty), "tools": bool(req.tools),
-                       "suffix": bool(req.suffix)}
+                       "logit_bias": bool(req.logit_bias), "tools": bool(req.tools), "suffix": bool(req.suffix)}
         for name, asked in unsupported.items():
             if asked:
                 raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported")

@@ -176,7 +176,8 @@ def one_line_error(capsys, *args):
 
 @pytest.mark.parametrize("flags,match", [
     (["--temperature", "-1"], "temperature"), (["--top-p", "2"], "top_p"), (["--top-k", "-3"], "top_k"),
-    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--max-new-tokens", "0"], "max_new_tokens"), (["--repetition-penalty", "0"], "repetition_penalty"),
+    (["--presence-penalty", "3"], "presence_penalty"),
 ])
 def test_invalid_sampling_flags_are_one_line_errors(run_dir, capsys, flags, match):
     assert match in one_line_error(capsys, "generate", run_dir[0], "hi", *flags)

@@ -59,12 +59,19 @@ def trained():
     return model.eval()
 
 
-def greedy_reference(model, prompt, n):
-    """Plain greedy decoding with full forwards, no cache."""
+def greedy_reference(model, prompt, n, presence=0.0, frequency=0.0, repetition=1.0):
+    """Plain greedy decoding with full forwards, no cache; with penalties as vLLM applies them (repetition on
+    the logits of tokens in the prompt or output, then presence and frequency over the output)."""
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            logits = model(torch.tensor([ids]))[0, -1].float()
+            out = ids[len(prompt):]
+            for t in set(ids):
+                logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+            for t in set(out):
+                logits[t] -= presence + frequency * out.count(t)
+            ids.append(int(logits.argmax()))
     return ids[len(prompt):]
 
 
@@ -288,16 +295,38 @@ def test_a_failing_stop_check_ends_its_request_only(model):
         return False
     bad = e.add_request([1, 2, 3], SamplingParams(temperature=0, stop_check=fails))
     good = e.add_request([4, 5], GREEDY)
-    tokens = []
+    other = e.sequences[good]
     with pytest.raises(KeyError):
         for _ in range(3):
-            tokens += [ev.token for ev in e.step() if ev.request_id == good]
-    assert bad not in e.sequences and e.sequences[good].tokens == tokens + e.sequences[good].tokens[len(tokens):]
+            e.step()
+    assert bad not in e.sequences and len(other.tokens) == 3  # the step that raised gave it its token too
     while e.has_work():
         e.step()
     assert e.sequences == {} and sorted(e.cache.free_slots) == [0, 1]
     # the other request's tokens are those of a run alone (its cache did not drift)
-    assert Engine(model).generate([[4, 5]], GREEDY)[0].tokens == greedy_reference(model, [4, 5], 12)
+    assert other.tokens == greedy_reference(model, [4, 5], 12)
+
+
+@pytest.mark.parametrize("penalties", [  # (this random model never repeats a token unpenalized: negative ones make it)
+    dict(frequency=-0.5), dict(presence=-1.0, frequency=0.6), dict(repetition=0.5, frequency=0.4),
+    dict(presence=-0.5, frequency=0.3, repetition=1.3)])
+def test_penalties_steer_greedy_choices_like_the_reference(model, trained, penalties):
+    names = {"presence": "presence_penalty", "frequency": "frequency_penalty", "repetition": "repetition_penalty"}
+    params = SamplingParams(temperature=0, max_new_tokens=16, **{names[k]: v for k, v in penalties.items()})
+    prompt = [3, 1, 4, 1, 5]
+    ref = greedy_reference(model, prompt, 16, **penalties)
+    assert ref != greedy_reference(model, prompt, 16)  # the penalty changes the output here
+    e = Engine(model, max_batch=2)
+    out, plain = e.generate([prompt, prompt], [params, SamplingParams(temperature=0, max_new_tokens=16)])
+    assert out.tokens == ref and plain.tokens == greedy_reference(model, prompt, 16)  # a neighbour is unaffected
+    with torch.no_grad():  # log-probs stay the model's own
+        full = model(torch.tensor([prompt + out.tokens]))[0, len(prompt) - 1: -1].float().log_softmax(-1)
+    torch.testing.assert_close(torch.tensor(out.logprobs), full[torch.arange(16), torch.tensor(out.tokens)],
+                               atol=1e-4, rtol=0)
+    # speculative decoding (drafts verified against the penalized choice) gives the same tokens
+    spec = Engine(trained, speculative=True).generate([prompt], params)[0]
+    assert spec.tokens == Engine(trained).generate([prompt], params)[0].tokens
+    assert spec.tokens == greedy_reference(trained, prompt, 16, **penalties)
 
 
 def test_a_tiny_temperature_is_greedy_not_nan(model):
@@ -432,6 +461,8 @@ def test_compile_needs_the_fast_mla_path(trained):
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(seed=2**64), "seed"), (dict(top_logprobs=21), "top_logprobs"), (dict(top_logprobs=-1), "top_logprobs"),
     (dict(top_k=True), "top_k"), (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop_token_ids=None), "stop"),
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty="x"), "frequency_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
 ])
 def test_invalid_sampling_parameters_are_user_errors(kwargs, field):
     with pytest.raises(UserError, match=field):

@@ -84,6 +84,21 @@ def test_stream_equals_non_stream_and_reports_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_penalties_reach_the_engine(client, model_and_tokenizer):
+    """presence_penalty and frequency_penalty (OpenAI) and repetition_penalty (vLLM's extra) steer the tokens as
+    the engine does with them."""
+    model, tok = model_and_tokenizer
+    ids = tok.encode("The king", bos=True)
+    for penalties in ({"frequency_penalty": -1.0}, {"presence_penalty": -1.0, "repetition_penalty": 0.7}):
+        repetition = penalties.pop("repetition_penalty", 1.0)
+        r = client.completions.create(model="tiny", prompt="The king", max_tokens=10, temperature=0,
+                                      extra_body={"repetition_penalty": repetition}, **penalties)
+        ref = Engine(model).generate([ids], SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[
+            tok.eos_id], repetition_penalty=repetition, **penalties))[0]
+        assert ref.tokens != engine_greedy(model, ids, [tok.eos_id], 10).tokens  # (the penalty matters here)
+        assert r.choices[0].text == tok.decode([t for t in ref.tokens if t != tok.eos_id])
+
+
 def test_completions_n_seed_and_stop(client, model_and_tokenizer):
     model, tok = model_and_tokenizer
     assert client.completions.create(model="tiny", prompt="The king").usage.completion_tokens <= 16  # OpenAI's default
@@ -128,8 +143,8 @@ def test_completions_n_seed_and_stop(client, model_and_tokenizer):
      "response_format"),
     (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', 400, "tools"),
     (b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}', 400, "logit_bias"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}', 400, "presence_penalty"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}', 400, "frequency_penalty"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}', 400, "presence_penalty"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}', 400, "repetition_penalty"),
     pytest.param(b'{"messages": ' + b'[' * 100_000 + b']' * 100_000 + b'}', 400, None, id="nested-too-deep"),
 ])
 def test_bad_requests_get_openai_errors(url, body, status, param):
@@ -154,8 +169,8 @@ def test_surrogates_seeds_null_fields_and_unsupported_fields(url):
         assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
     r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
                                                        "logprobs": False, "top_logprobs": 0, "best_of": 1,
-                                                       "response_format": {"type": "text"}, "presence_penalty": 0,
-                                                       "frequency_penalty": 0, "logit_bias": {}, "tools": []})
+                                                       "response_format": {"type": "text"}, "logit_bias": {},
+                                                       "tools": [], "presence_penalty": None})
     assert r.status_code == 200
     r = httpx.post(url + "/v1/completions", json={"prompt": "The", "suffix": "end"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
@@ -243,7 +258,8 @@ def test_stop_strings_of_multi_byte_characters_are_seen(model_and_tokenizer):
     model, tok = model_and_tokenizer
     server = Server(model, tok, "tiny", max_batch=1)
     try:
-        req = SimpleNamespace(max_completion_tokens=None, max_tokens=8, temperature=0, top_k=0, top_p=1, seed=None)
+        req = SimpleNamespace(max_completion_tokens=None, max_tokens=8, temperature=0, top_k=0, top_p=1, seed=None,
+                              presence_penalty=0, frequency_penalty=0, repetition_penalty=1)
         stop = "🙂🙂🙂"
         params = server._params(req, 4, [], [stop], 0)
         generated = tok.encode("a few words " + stop)
