@@ -451,8 +451,7 @@ class Server:
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, max_new_tokens=max_tokens,
                               stop_token_ids=stop_ids, seed=seed, stop_check=stop_check if stops else None,
-                              top_logprobs=logprobs or 0,
-                              prompt_logprobs=score_prompt)
+                              top_logprobs=logprobs or 0, prompt_logprobs=score_prompt)
 
     def _check_prompt(self, ids: list[int], param: str) -> None:
         if len(ids) >= self.engine.max_len:
