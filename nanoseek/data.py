@@ -32,23 +32,43 @@ ALL_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
 # --- reading ----------------------------------------------------------------------------------------
 
 def resolve_sources(sources: Iterable[str]) -> list[Path]:
-    """Expand globs and directories (recursively, sorted) into files; fail on anything missing."""
-    files = []
+    """Expand globs and directories (recursively, sorted, through symlinks) into files, each file once (a glob
+    like dir/** also matches the directories above a file); fail on anything missing. A path that exists is
+    taken as it is even if it holds glob characters ("notes[1].txt")."""
+    files, seen = [], set()
     for src in sources:
-        matches = sorted(glob.glob(src, recursive=True)) if glob.has_magic(src) else [src]
-        if not matches or not all(os.path.exists(m) for m in matches):
+        matches = [src] if os.path.exists(src) or not glob.has_magic(src) else sorted(glob.glob(src, recursive=True))
+        matches = [m for m in matches if os.path.exists(m)]  # not broken links (nor paths too deep in a link loop)
+        if not matches:
             raise UserError(f"corpus {src} does not exist")
         for m in map(Path, matches):
             if m.is_dir():
-                found = sorted(p for p in m.rglob("*") if p.is_file() and p.suffix.lower() in ALL_SUFFIXES)
-                if not found:
+                found = _walk(m)
+                if not found and not glob.has_magic(src):
                     raise UserError(f"corpus directory {m} holds no {'/'.join(sorted(ALL_SUFFIXES))} files")
-                files += found
             else:
-                files.append(m)
+                found = [m]
+            for f in found:
+                if os.path.realpath(f) not in seen:
+                    seen.add(os.path.realpath(f))
+                    files.append(f)
     if not files:
-        raise UserError("no corpus given")
+        raise UserError(f"corpus {', '.join(map(str, sources)) or '(none)'} holds no "
+                        f"{'/'.join(sorted(ALL_SUFFIXES))} files")
     return files
+
+
+def _walk(root: Path) -> list[Path]:
+    """The corpus files under a directory, sorted, following symlinked directories (each real one once)."""
+    found, visited = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink loop, or a directory linked twice
+            dirnames.clear()
+            continue
+        visited.add(real)
+        found += [Path(dirpath, f) for f in filenames if Path(f).suffix.lower() in ALL_SUFFIXES]
+    return sorted(f for f in found if f.is_file())
 
 
 def _read_text(path: Path) -> str:
@@ -56,7 +76,7 @@ def _read_text(path: Path) -> str:
     if b"\x00" in raw[:65536]:
         raise UserError(f"corpus file {path} looks binary (it contains NUL bytes), not text")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark at the start is not text
     except UnicodeDecodeError as e:
         raise UserError(f"corpus file {path} is not UTF-8 text (byte {e.start})") from None
 
@@ -75,6 +95,11 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
             text = row.get(text_field) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise UserError(f"{path}:{i + 1}: no string field {text_field!r}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a JSON escape "\\ud800" alone decodes to a lone surrogate
+                raise UserError(f"{path}:{i + 1}: the text holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                                "escape), not Unicode text") from None
             yield text
     elif suffix == ".parquet":
         try:
@@ -170,8 +195,10 @@ def prepare(sources: list[str], tokenizer, out_dir: str | Path, val_fraction: fl
     train_docs, val_docs = split_documents(load_documents(sources, text_field), val_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": DATA_FORMAT, "sources": [str(s) for s in sources], "val_fraction": val_fraction,
-            "vocab_size": tokenizer.vocab_size, "tokenizer_sha": tokenizer_fingerprint(tokenizer)}
+    (out / "meta.json").unlink(missing_ok=True)  # until the new shards are all written, none are valid
+    meta = {"format": DATA_FORMAT, "sources": [str(s) for s in sources], "files": corpus_files(sources),
+            "text_field": text_field, "val_fraction": val_fraction, "vocab_size": tokenizer.vocab_size,
+            "tokenizer_sha": tokenizer_fingerprint(tokenizer)}
     for split, docs in (("train", train_docs), ("val", val_docs)):
         ids = encode_documents(tokenizer, docs)
         if len(ids) <= min_tokens:
@@ -182,6 +209,11 @@ def prepare(sources: list[str], tokenizer, out_dir: str | Path, val_fraction: fl
                        "bytes": sum(len(d.encode("utf-8")) for d in docs)}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def corpus_files(sources: list[str]) -> list[list]:
+    """[path, size, mtime_ns] of each corpus file: shards made from other contents are made again."""
+    return [[str(f), (st := f.stat()).st_size, st.st_mtime_ns] for f in resolve_sources(sources)]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -197,7 +229,7 @@ def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
 
 # --- the set-up steps of a run: <run>/tokenizer and <run>/data, made once and reused ---------------
 
-def add_data_arguments(p) -> None:
+def add_data_arguments(p, vocab_default: str = "the preset's vocab_size") -> None:
     # --run-dir is the same flag for torchrun, whose own parser takes a bare --run for its --run-path
     p.add_argument("--run", "--run-dir", dest="run", default="runs/default",
                    help="run directory (default: runs/default)")
@@ -205,7 +237,7 @@ def add_data_arguments(p) -> None:
                    "(default: the built-in corpus)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet")
     p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the text held out (0.1)")
-    p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: the preset's vocab_size)")
+    p.add_argument("--vocab-size", type=int, help=f"tokenizer vocabulary (default: {vocab_default})")
 
 
 def corpus_sources(args) -> list[str]:
@@ -218,7 +250,11 @@ def ensure_tokenizer(args, run_dir: Path, vocab_size: int, force: bool = False):
 
     tok_dir = Path(run_dir) / "tokenizer"
     if (tok_dir / "tokenizer.json").exists() and not force:
-        return Tokenizer.load(tok_dir)
+        tok = Tokenizer.load(tok_dir)
+        if args.vocab_size and args.vocab_size != tok.vocab_size:
+            print(f"note: --vocab-size {args.vocab_size} not used: {tok_dir} exists ({tok.vocab_size} tokens); "
+                  "delete it, or use another --run, to train another")
+        return tok
     train_docs, _ = split_documents(load_documents(corpus_sources(args), args.text_field), args.val_fraction)
     tok = train_tokenizer(iter(train_docs), vocab_size)
     tok.save(tok_dir)
@@ -226,15 +262,16 @@ def ensure_tokenizer(args, run_dir: Path, vocab_size: int, force: bool = False):
 
 
 def ensure_data(args, run_dir: Path, tok, min_tokens: int) -> dict:
-    """<run>/data, tokenized with `tok`, unless it exists for this tokenizer, corpus and split."""
+    """<run>/data, tokenized with `tok`, unless it exists for this tokenizer, corpus (its files as they are now)
+    and split."""
     data_dir = Path(run_dir) / "data"
     sources = corpus_sources(args)
     meta_path = data_dir / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if (meta.get("format") == DATA_FORMAT and meta.get("tokenizer_sha") == tokenizer_fingerprint(tok)
-                and meta.get("sources") == sources
-                and meta.get("val_fraction") == args.val_fraction
+                and meta.get("sources") == sources and meta.get("files") == corpus_files(sources)
+                and meta.get("text_field") == args.text_field and meta.get("val_fraction") == args.val_fraction
                 and min(meta["train"]["tokens"], meta["val"]["tokens"]) > min_tokens):
             return meta
     return prepare(sources, tok, data_dir, args.val_fraction, args.text_field, min_tokens)
@@ -290,9 +327,12 @@ class TokenLoader:
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, bos_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every val token predicted exactly once: <|bos|> + stream in consecutive windows (the first real
-    token is predicted from <|bos|>, so the byte count and the predicted tokens match)."""
-    stream = np.concatenate([np.asarray([bos_id], dtype=np.int64), np.asarray(tokens, dtype=np.int64)])
+    """Every val token after the stream's first predicted exactly once, in consecutive windows. The stream starts
+    with <|bos|> (the shards put one before every document; one is added if missing), so every text token is
+    predicted and the byte count and the predicted tokens match."""
+    stream = np.asarray(tokens, dtype=np.int64)
+    if not len(stream) or stream[0] != bos_id:
+        stream = np.concatenate([np.asarray([bos_id], dtype=np.int64), stream])
     for start in range(0, len(stream) - 1, seq_len):
         w = torch.from_numpy(stream[start: start + seq_len + 1])
         yield w[None, :-1], w[None, 1:]

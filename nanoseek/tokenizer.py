@@ -53,6 +53,7 @@ class Tokenizer:
         self._bytes: dict[int, bytes] = {}  # token_bytes, computed once per id
         self._byte_level = isinstance(tk.decoder, decoders.ByteLevel)
         self._added = set(tk.get_added_tokens_decoder())
+        self._sizes = None  # text_size's table: [vocab, (bytes, characters)]
         self._literal_tk = None  # a copy that encodes special tokens' text as ordinary text (made when needed)
         found = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
         self.special = {t: i for t, i in found.items() if i is not None}
@@ -116,6 +117,18 @@ class Tokenizer:
                 raw = self.decode([token_id]).encode()
             self._bytes[token_id] = raw
         return raw
+
+    def text_size(self, ids: Iterable[int]) -> tuple[int, int]:
+        """UTF-8 bytes and characters of the text the ids stand for; special tokens stand for none (bits per byte
+        counts the bytes of text)."""
+        import numpy as np
+
+        if self._sizes is None:
+            pieces = [b"" if i in self._added else self.token_bytes(i) for i in range(self.vocab_size)]
+            # a character is one UTF-8 lead byte (any byte but 10xxxxxx) and its continuation bytes
+            self._sizes = np.array([(len(b), sum((c & 0xC0) != 0x80 for c in b)) for b in pieces], dtype=np.int64)
+        n_bytes, n_chars = self._sizes[np.asarray(ids, dtype=np.int64)].sum(0).tolist()
+        return n_bytes, n_chars
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and a loss mask (1 on assistant replies and their <|eos|>)."""
@@ -240,7 +253,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
 def add_arguments(p) -> None:
     from nanoseek.data import add_data_arguments
 
-    add_data_arguments(p)
+    add_data_arguments(p, vocab_default="4096")
     p.add_argument("--force", action="store_true", help="retrain even if <run>/tokenizer exists")
 
 

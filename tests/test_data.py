@@ -7,6 +7,7 @@ from helpers import corpus_text
 from nanoseek.data import (
     TokenLoader,
     encode_documents,
+    ensure_data,
     eval_windows,
     load_documents,
     load_tokens,
@@ -38,6 +39,31 @@ def test_reads_txt_jsonl_parquet_dirs_and_globs(tmp_path):
     # JSON strings may hold U+2028 and U+0085 unescaped: only "\n" ends a JSONL record
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "line\u2028sep\x85x"}, ensure_ascii=False) + "\r\n")
     assert load_documents([str(tmp_path / "b.jsonl")]) == ["line\u2028sep\x85x"]
+
+
+def test_sources_resolve_each_file_once_through_links(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "top.txt").write_text("top")
+    (tmp_path / "d" / "sub" / "low.txt").write_text("low")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "linked.txt").write_text("linked")
+    (tmp_path / "d" / "link").symlink_to(tmp_path / "other", target_is_directory=True)
+    (tmp_path / "d" / "loop").symlink_to(tmp_path / "d", target_is_directory=True)  # a cycle: walked once
+    names = lambda srcs: [p.name for p in resolve_sources(map(str, srcs))]
+    # dir/** matches the directories above each file too: each file is still read once
+    assert names([tmp_path / "d" / "**"]) == ["linked.txt", "low.txt", "top.txt"]
+    assert names([tmp_path / "d", tmp_path / "d" / "top.txt"]) == ["linked.txt", "low.txt", "top.txt"]
+    (tmp_path / "notes[1].txt").write_text("brackets")  # an existing path is a path, not a glob
+    assert names([tmp_path / "notes[1].txt"]) == ["notes[1].txt"]
+
+
+def test_byte_order_mark_and_lone_surrogates(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfplain")
+    assert load_documents([str(tmp_path / "bom.jsonl"), str(tmp_path / "bom.txt")]) == ["first", "plain"]
+    (tmp_path / "s.jsonl").write_text('{"text": "ok"}\n{"text": "abc\\ud800"}\n')
+    with pytest.raises(UserError, match=r"s.jsonl:2: .*lone surrogate"):
+        load_documents([str(tmp_path / "s.jsonl")])
 
 
 @pytest.mark.parametrize("setup,match", [
@@ -107,5 +133,31 @@ def test_ranks_split_the_global_batch():
 
 def test_eval_windows_score_every_token_once():
     tokens = np.arange(1, 101, dtype=np.uint16)
-    ys = [y for _, y in eval_windows(tokens, 32, bos_id=0)]
-    assert np.concatenate([y.numpy().ravel() for y in ys]).tolist() == list(range(1, 101))
+    for stream in (tokens, np.concatenate([[0], tokens])):  # the shards' val split starts with <|bos|> (id 0)
+        windows = list(eval_windows(stream, 32, bos_id=0))
+        assert windows[0][0][0, 0] == 0 and windows[0][1][0, 0] == 1  # one <|bos|>, which predicts the text
+        assert np.concatenate([y.numpy().ravel() for _, y in windows]).tolist() == list(range(1, 101))
+
+
+def test_text_size_counts_the_bytes_of_text(tmp_path, tok):
+    (tmp_path / "c.txt").write_text(corpus_text(300) + "ünïcödé €\n")
+    meta = prepare([str(tmp_path / "c.txt")], tok, tmp_path / "data", 0.1)
+    val = load_tokens(tmp_path / "data", "val")
+    assert val[0] == tok.bos_id and tok.text_size(val) == (meta["val"]["bytes"], meta["val"]["chars"])
+    assert tok.text_size(tok.encode("é€")) == (5, 2) and tok.text_size([tok.bos_id, tok.eos_id]) == (0, 0)
+
+
+def test_prepared_data_is_remade_when_the_corpus_changes(tmp_path, tok):
+    from argparse import Namespace
+
+    corpus = tmp_path / "c.jsonl"
+    rows = [{"text": corpus_text(40), "body": "other " * 400}] * 3
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = Namespace(data=[str(corpus)], text_field="text", val_fraction=0.1)
+    first = ensure_data(args, tmp_path, tok, 8)
+    assert ensure_data(args, tmp_path, tok, 8) == first  # unchanged: reused
+    args.text_field = "body"
+    assert ensure_data(args, tmp_path, tok, 8)["train"]["chars"] != first["train"]["chars"]
+    args.text_field = "text"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows * 2))  # the file grew
+    assert ensure_data(args, tmp_path, tok, 8)["train"]["chars"] > first["train"]["chars"]
