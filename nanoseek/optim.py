@@ -148,8 +148,13 @@ class Optimizers:
         return [opt.state_dict() for opt in self.opts]
 
     def load_state_dict(self, states: list[dict]) -> None:
+        """The saved moments and step counts; the learning rates and weight decay stay this run's (torch would take
+        the saved ones: a resume with a lower --lr would not lower it)."""
         for opt, s in zip(self.opts, states, strict=True):
+            settings = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
             opt.load_state_dict(s)
+            for g, (base_lr, weight_decay) in zip(opt.param_groups, settings):
+                g["base_lr"], g["weight_decay"] = base_lr, weight_decay
 
 
 def lr_scale(progress: float, schedule: str, warmup: float, decay: float, min_ratio: float = 0.0) -> float:

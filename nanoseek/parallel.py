@@ -7,6 +7,7 @@ biases identically), average logged figures, print from rank 0 only.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -36,7 +37,10 @@ def init(device: str) -> Dist:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # a long timeout: the other ranks wait at a barrier while rank 0 trains the tokenizer and tokenizes the
+        # corpus, which takes longer than the default 10 minutes (NCCL) on a large corpus
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     return Dist(rank, world, local_rank, device)
 
 

@@ -2,7 +2,7 @@
 
     nanoseek pretrain --run runs/demo --time-budget 600          # the built-in default corpus
     nanoseek pretrain --run runs/mine --data ~/texts/ --max-steps 2000
-    torchrun --standalone --nproc_per_node=2 -m nanoseek pretrain --run runs/ddp ...
+    torchrun --standalone --nproc_per_node=2 -m nanoseek pretrain --run-dir runs/ddp ...
 
 Writes runs/<name>/base/: config.json + model.safetensors (the model, for load/chat/export),
 checkpoint.safetensors (model + optimizer + RNG + data position, for --resume) and metrics.jsonl.
@@ -77,10 +77,14 @@ def add_arguments(p) -> None:
     g.add_argument("--eval-tokens", type=int, default=0, help="cap on val tokens per evaluation (0: all)")
     g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from <run>/base/checkpoint.safetensors")
+    g.add_argument("--overwrite", action="store_true", help="start again in a run that already holds a model "
+                   "(replacing it; without this flag such a run is refused)")
 
 
-def run(args) -> None:
-    train(args)
+def run(args) -> int:
+    """Exit status: 0, or 128 + the signal's number when a signal stopped the run (after saving)."""
+    _, summary = train(args)
+    return 128 + summary["signal"] if summary.get("interrupted") else 0
 
 
 # --- set-up steps ------------------------------------------------------------------------------------
@@ -142,9 +146,17 @@ def train(args):
         raise UserError("give --max-steps or --time-budget (or both: whichever ends first)")
     if args.seq_len < 2 or args.batch_size < 1 or args.grad_accum < 1 or args.log_every < 1:
         raise UserError("--seq-len must be >= 2, --batch-size, --grad-accum and --log-every >= 1")
-    if (args.max_steps or 0) < 0 or (args.time_budget or 0) < 0 or min(args.eval_every, args.save_every) < 0:
-        raise UserError("--max-steps, --time-budget, --eval-every and --save-every must not be negative")
-    if args.threads:
+    if (args.max_steps or 0) < 0 or not math.isfinite(args.time_budget or 0) or (args.time_budget or 0) < 0 \
+            or min(args.eval_every, args.save_every) < 0:
+        raise UserError("--max-steps, --time-budget, --eval-every and --save-every must be numbers >= 0")
+    if not (0 <= args.warmup <= 1 and 0 <= args.decay <= 1 and 0 <= args.min_lr_ratio <= 1):
+        raise UserError("--warmup, --decay and --min-lr-ratio are fractions: give values from 0 to 1")
+    if not (0 < args.lr <= 10 and (args.muon_lr is None or 0 < args.muon_lr <= 10) and args.weight_decay >= 0
+            and args.clip >= 0):
+        raise UserError("--lr and --muon-lr must be > 0 and <= 10, --weight-decay and --clip >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: give at least 1")
         torch.set_num_threads(args.threads)
     d = parallel.init(pick_device(args.device))
     if d.device == "cpu":
@@ -153,7 +165,14 @@ def train(args):
     run_dir, stage = Path(args.run), Path(args.run) / "base"
     ckpt_path = stage / "checkpoint.safetensors"
     if args.resume:
-        _check_resume_arguments(args, read_training_info(ckpt_path).get("args", {}))
+        info = read_training_info(ckpt_path)
+        _check_resume_arguments(args, info.get("args", {}))
+        if info.get("world", d.world) != d.world:
+            raise UserError(f"--resume: the run was trained by {info['world']} processes, not {d.world}: the "
+                            "global batch and the data position would change; resume with as many")
+    elif not args.overwrite and (ckpt_path.exists() or (stage / "model.safetensors").exists()):
+        raise UserError(f"{stage} already holds a model: --resume to continue its run, or --overwrite to start "
+                        "again and replace it")
 
     # configuration: a resumed run keeps its own; a new one takes preset/config/--set
     if args.resume:
@@ -188,13 +207,18 @@ def train(args):
         if info.get("tokenizer_sha") != tokenizer_fingerprint(tok):
             raise CheckpointError(f"the tokenizer in {run_dir / 'tokenizer'} is not the one {ckpt_path} was "
                                   "trained with")
-        opt.load_state_dict(states)
-        loader.load_state_dict(info["loader"])
-        step, train_time, tokens_seen = info["step"], info["train_time"], info["tokens"]
+        try:
+            opt.load_state_dict(states)
+            loader.load_state_dict(info["loader"])
+            step, train_time, tokens_seen = info["step"], info["train_time"], info["tokens"]
+        except (KeyError, ValueError) as e:  # another version's layout, a changed optimizer grouping
+            raise CheckpointError(f"{ckpt_path} does not fit this model and optimizer ({type(e).__name__}: "
+                                  f"{e})") from None
     stage.mkdir(parents=True, exist_ok=True)
     metrics_path = stage / "metrics.jsonl"
+    evaluated = set()  # steps whose val evaluation metrics.jsonl holds (a resumed finished run: not again)
     if d.main:
-        _truncate_metrics(metrics_path, step)
+        evaluated = _truncate_metrics(metrics_path, step)
         if not args.resume:
             save_model(model, stage)  # config.json now: a crash before the first checkpoint still leaves one
     train_model = parallel.wrap(torch.compile(model) if args.compile else model, d)
@@ -217,16 +241,17 @@ def train(args):
 
     def evaluate() -> dict:
         toks = val_tokens[: args.eval_tokens] if args.eval_tokens else val_tokens
-        frac = len(toks) / len(val_tokens)  # a capped evaluation scores that share of the bytes
-        r = bits_per_byte(model, toks, meta["val"]["bytes"] * frac, meta["val"]["chars"] * frac, args.seq_len,
-                          tok.bos_id, d.device, args.dtype, d.rank, d.world,
-                          lambda t: parallel.all_reduce(t, d))
+        n_bytes, n_chars = meta["val"]["bytes"], meta["val"]["chars"]
+        if len(toks) < len(val_tokens):  # a capped evaluation: the bytes and characters of the tokens it scores
+            n_bytes, n_chars = tok.text_size(toks)
+        r = bits_per_byte(model, toks, n_bytes, n_chars, args.seq_len, tok.bos_id, d.device, args.dtype, d.rank,
+                          d.world, lambda t: parallel.all_reduce(t, d))
         return {"step": step, "time": round(train_time, 3), "tokens": tokens_seen, **r}
 
     def save() -> None:
         if d.main:
             info = {"step": step, "train_time": train_time, "tokens": tokens_seen, "loader": loader.state_dict(),
-                    "tokenizer_sha": tokenizer_fingerprint(tok), "args": _jsonable(vars(args))}
+                    "world": d.world, "tokenizer_sha": tokenizer_fingerprint(tok), "args": _jsonable(vars(args))}
             try:
                 save_training_state(ckpt_path, model, opt.state_dict(), info)
                 save_model(model, stage)
@@ -248,17 +273,18 @@ def train(args):
         if stop["signal"] is not None:
             raise UserError(f"stopped by a second {signal.Signals(signum).name} before saving; the last checkpoint "
                             f"in {stage} is kept")
-        stop["signal"] = signal.Signals(signum).name
-        log(f"{stop['signal']}: finishing step {step + 1}, then saving (again to stop without saving)")
+        stop["signal"] = signum
+        log(f"{signal.Signals(signum).name}: finishing step {step + 1}, then saving (again to stop without saving)")
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    window_t, window_tokens = time.perf_counter(), 0
+    window_time, window_tokens = 0.0, 0  # training time only: evaluations and saves do not count
     model.train()
     try:
         stopping = False
         while progress() < 1 and not stopping:
             t0 = time.perf_counter()
-            opt.set_lr(lr_scale(progress(), args.schedule, args.warmup, args.decay, args.min_lr_ratio))
+            scale = lr_scale(progress(), args.schedule, args.warmup, args.decay, args.min_lr_ratio)
+            opt.set_lr(scale)
             losses = torch.zeros(3)
             for micro in range(args.grad_accum):
                 x, y = loader.next_batch()
@@ -271,7 +297,11 @@ def train(args):
                     (out.loss / args.grad_accum).backward()
                 losses += torch.tensor([out.loss.item(), out.lm_loss.item(),
                                         out.mtp_loss.item() if out.mtp_loss is not None else math.nan])
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else 1e30)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else 1e30))
+            if not (math.isfinite(losses[0]) and math.isfinite(grad_norm)):  # before the update: weights stay good
+                raise UserError(f"{'loss' if not math.isfinite(losses[0]) else 'gradient norm'} became "
+                                f"{losses[0].item() if not math.isfinite(losses[0]) else grad_norm} at step "
+                                f"{step + 1}: lower --lr/--muon-lr (the last checkpoint in {stage} is kept)")
             opt.step()
             opt.zero_grad()
             parallel.sync_expert_load(model, d)
@@ -282,21 +312,18 @@ def train(args):
             # after the same step when any rank was signalled
             dt, stopping = parallel.max_over_ranks([time.perf_counter() - t0, stop["signal"] is not None], d)
             if stopping and stop["signal"] is None:
-                stop["signal"] = "a signal to another rank"
+                stop["signal"] = signal.SIGTERM  # another rank was signalled
             train_time += dt
+            window_time += dt
             window_tokens += tokens_per_step
-            if not math.isfinite(losses[0]):
-                raise UserError(f"loss became {losses[0].item()} at step {step}: lower --lr/--muon-lr")
             if step % args.log_every == 0 or progress() >= 1:
                 loss, lm_loss, mtp_loss = (parallel.mean(v / args.grad_accum, d) for v in losses.tolist())
-                elapsed = time.perf_counter() - window_t
-                tps = window_tokens / elapsed
-                mfu = flops_per_step * (window_tokens / tokens_per_step) / elapsed / peak
-                window_t, window_tokens = time.perf_counter(), 0
+                tps = window_tokens / window_time
+                mfu = flops_per_step * (window_tokens / tokens_per_step) / window_time / peak
+                window_time, window_tokens = 0.0, 0
                 entry = {"step": step, "time": round(train_time, 3), "tokens": tokens_seen, "loss": loss,
-                         "lm_loss": lm_loss, "lr_scale": lr_scale(progress(), args.schedule, args.warmup,
-                                                                   args.decay, args.min_lr_ratio),
-                         "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu, **load_stats}
+                         "lm_loss": lm_loss, "lr_scale": scale, "grad_norm": grad_norm, "tokens_per_s": tps,
+                         "mfu": mfu, **load_stats}
                 if not math.isnan(mtp_loss):
                     entry["mtp_loss"] = mtp_loss
                 record(entry)
@@ -308,19 +335,20 @@ def train(args):
                 history.append(r)
                 record(r)
                 log(f"step {step:5d} | val loss {r['val_loss']:.4f} | val bpb {r['val_bpb']:.4f}")
-            if args.save_every and step % args.save_every == 0:
+            if args.save_every and step % args.save_every == 0 and progress() < 1 and not stopping:
                 save()
         save()
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
     if stop["signal"]:
-        log(f"stopped by {stop['signal']} at step {step}; resume with --resume")
+        log(f"stopped by {signal.Signals(stop['signal']).name} at step {step}; resume with --resume")
         parallel.shutdown(d)
-        return model, {"step": step, "interrupted": True}
+        return model, {"step": step, "interrupted": True, "signal": int(stop["signal"])}
     r = evaluate()
     history.append(r)
-    record(r)
+    if step not in evaluated:
+        record(r)
     log(f"done: {step} steps, {fmt_time(train_time)} training | val loss {r['val_loss']:.4f} | "
         f"val bpb {r['val_bpb']:.4f} | saved {stage}")
     parallel.shutdown(d)
@@ -344,9 +372,18 @@ def _jsonable(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the entries logged after the checkpoint (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+def _truncate_metrics(path: Path, step: int) -> set[int]:
+    """Keep the entries logged up to the checkpoint's step (later ones will be logged again; a line cut short by a
+    crash is dropped); returns the steps with a val evaluation among them."""
+    keep, evaluated = [], set()
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
+            keep.append(line)
+            if "val_loss" in entry:
+                evaluated.add(entry["step"])
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return evaluated

@@ -43,6 +43,7 @@ def test_pretrain_runs_logs_and_loads(tmp_path, corpus):
     assert train[-1]["step"] == 20 and train[-1]["loss"] < train[0]["loss"]
     assert evals[-1]["step"] == 20 and 0 < evals[-1]["val_bpb"] < 8
     assert "load_max_over_mean/0" in train[0] and "grad_norm" in train[0]
+    assert train[-1]["lr_scale"] > 0  # the scale the step used (WSD decays to 0 after the last step)
     from nanoseek import load
 
     model, tok = load(tmp_path / "run")
@@ -66,7 +67,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
     assert killed_at < 40
     nanoseek("pretrain", "--run", tmp_path / "b", "--resume", *args)
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b") or _same_losses(tmp_path / "a", tmp_path / "b")
-    # Ctrl-C mid-run: the step in flight finishes, the run saves and exits cleanly; resumed, it is the same run
+    # Ctrl-C mid-run: the step in flight finishes, the run saves and exits with 130 (as a shell reports a Ctrl-C);
+    # resumed, it is the same run
     p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", tmp_path / "c", *map(str, args)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics_path = tmp_path / "c" / "base" / "metrics.jsonl"
@@ -74,7 +76,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
         time.sleep(0.01)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=240)
-    assert p.returncode == 0 and "stopped by SIGINT" in out and "Traceback" not in err, err
+    assert p.returncode == 128 + signal.SIGINT and "stopped by SIGINT" in out and "Traceback" not in err, err
     stopped_at = max(e["step"] for e in metrics(tmp_path / "c"))
     assert stopped_at < 40
     nanoseek("pretrain", "--run", tmp_path / "c", "--resume", *args)
@@ -107,6 +109,8 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     fails("--run", tmp_path / "none", "--data", corpus, "--max-steps", 1, "--resume", *TINY, match="no checkpoint")
     fails("--run", tmp_path / "x", "--data", corpus, "--max-steps", 1, *TINY, "--log-every", 0, match="--log-every")
     fails("--run", corpus, "--data", corpus, "--max-steps", 1, *TINY, match="Not a directory")  # --run is a file
+    for flag, value in (("--threads", 0), ("--warmup", 2), ("--time-budget", "nan"), ("--lr", 11)):
+        fails("--run", tmp_path / "x", "--data", corpus, "--max-steps", 1, *TINY, flag, value, match=flag)
 
     run = tmp_path / "run"
     nanoseek("pretrain", "--run", run, "--data", corpus, "--max-steps", 4, "--save-every", 2, *TINY)
@@ -134,6 +138,35 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     umask = os.umask(0)
     os.umask(umask)
     assert (run / "base" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    # the same command again without --resume would start over on top of the trained model: refused
+    before = (run / "base" / "checkpoint.safetensors").read_bytes()
+    fails("--run", run, "--data", corpus, "--max-steps", 8, *TINY, match="--overwrite")
+    assert (run / "base" / "checkpoint.safetensors").read_bytes() == before
+    # resuming a finished run evaluates it again but does not log a second final evaluation
+    nanoseek("pretrain", "--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY)
+    assert [e["step"] for e in metrics(run) if "val_bpb" in e] == [4, 8]  # the 4-step run's end, then 8 once
+    (run / "base" / "metrics.jsonl").open("a").write('{"step": 9, "loss": 1.')  # a line cut short by a crash
+    nanoseek("pretrain", "--run", run, "--data", corpus, "--max-steps", 2, "--overwrite", *TINY)
+    assert [e["step"] for e in metrics(run) if "loss" in e] == [2]
+
+
+def test_resume_takes_this_runs_learning_rate():
+    import torch
+
+    from nanoseek.config import preset
+    from nanoseek.model import NanoSeek
+    from nanoseek.optim import Optimizers
+
+    model = NanoSeek(preset("tiny"))
+    first = Optimizers(model, lr=3e-3, weight_decay=0.0)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    first.step()
+    second = Optimizers(model, lr=1e-4, muon_lr=2e-4, weight_decay=0.1)
+    second.load_state_dict(first.state_dict())
+    second.set_lr(1.0)
+    assert [(g["lr"], g["weight_decay"]) for o in second.opts for g in o.param_groups] == [(2e-4, 0.1), (1e-4, 0.0)]
+    assert second.opts[1].state[model.lm_head.weight]["step"] == 1  # the moments and step counts are the saved ones
 
 
 @pytest.mark.parametrize("name", ["cpu", "dense", "tiny"])
