@@ -706,9 +706,9 @@ def create_app(server: Server):
             for i, t in enumerate(texts):
                 reasoning, content = t.full()
                 if chat:
-                    message = {"role": "assistant", "content": content}
-                    if reasoning is not None:
-                        message["reasoning_content"] = reasoning
+                    # reasoning_content always, null without a <think> part (as DeepSeek's API and vLLM): clients
+                    # read it as an attribute
+                    message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
                     choices.append({"index": i, "message": message, "finish_reason": t.finish_reason,
                                     "logprobs": logprobs(t, t.new_logprobs())})
                 else:

@@ -67,6 +67,7 @@ def test_chat_is_greedy_engine_output(client, model_and_tokenizer):
     ref = engine_greedy(model, ids, stop_ids, 12)
     text = tok.decode([t for t in ref.tokens if t not in stop_ids])
     assert r.choices[0].message.content == split_reasoning(text)[1]
+    assert r.choices[0].message.reasoning_content == split_reasoning(text)[0]  # None (null) without a <think> part
     assert r.choices[0].finish_reason == ref.finish_reason
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref.tokens)
     assert r.usage.total_tokens == len(ids) + len(ref.tokens)
