@@ -114,7 +114,8 @@ LOCAL = {"info": (_info_arguments, _info), "export": (_export_arguments, _export
 def build_parser() -> argparse.ArgumentParser:
     from nanoseek import __version__
 
-    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 and R1 in miniature.")
+    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 in miniature: tokenizer, pretraining, "
+                                     "inference, chat, an OpenAI-compatible server.")
     parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
