@@ -38,7 +38,8 @@ def run(run_dir: Path, *args: str):
     caches (run in the bench's own process after P1 and the dense runs, the cpu preset trained at 6021 tokens/s
     against 6157-7007 in fresh processes, while dense did not slow down). Returns the final evaluation (with
     step, time, tokens and all evaluations) and all metrics."""
-    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--run", str(run_dir), "--save-every", "0", *args]
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--run", str(run_dir), "--overwrite", "--save-every", "0",
+           *args]
     if subprocess.run(cmd).returncode:
         sys.exit(f"bench: failed: {' '.join(cmd)}")
     metrics = [json.loads(x) for x in (run_dir / "base" / "metrics.jsonl").read_text().splitlines()]
