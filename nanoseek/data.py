@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import random
@@ -71,34 +72,51 @@ def _walk(root: Path) -> list[Path]:
     return sorted(f for f in found if f.is_file())
 
 
+def _check_not_binary(path: Path, head: bytes) -> None:
+    if b"\x00" in head:
+        raise UserError(f"corpus file {path} looks binary (it contains NUL bytes), not text")
+
+
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
-    if b"\x00" in raw[:65536]:
-        raise UserError(f"corpus file {path} looks binary (it contains NUL bytes), not text")
+    _check_not_binary(path, raw[:65536])
     try:
         return raw.decode("utf-8-sig")  # a byte-order mark at the start is not text
     except UnicodeDecodeError as e:
         raise UserError(f"corpus file {path} is not UTF-8 text (byte {e.start})") from None
 
 
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a JSONL file, read as it goes (a corpus may be larger than memory). Lines end at
+    b"\n" only: str.splitlines() would also cut at U+2028 and U+0085, which JSON strings may hold."""
+    with open(path, "rb") as f:
+        _check_not_binary(path, f.read(65536))
+        f.seek(0)
+        for i, raw in enumerate(f):
+            try:
+                yield i + 1, raw.decode("utf-8-sig" if i == 0 else "utf-8")  # a byte-order mark is not text
+            except UnicodeDecodeError as e:
+                raise UserError(f"corpus file {path} is not UTF-8 text (line {i + 1}, byte {e.start})") from None
+
+
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """The documents of one file, as they are read: a .txt file is one, a .jsonl line or a .parquet row one each."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        # split at "\n" only: str.splitlines() would also cut at U+2028 and U+0085, which JSON strings may hold
-        for i, line in enumerate(_read_text(path).split("\n")):
+        for n, line in _jsonl_lines(path):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise UserError(f"{path}:{i + 1}: not valid JSON") from None
+                raise UserError(f"{path}:{n}: not valid JSON") from None
             text = row.get(text_field) if isinstance(row, dict) else None
             if not isinstance(text, str):
-                raise UserError(f"{path}:{i + 1}: no string field {text_field!r}")
+                raise UserError(f"{path}:{n}: no string field {text_field!r}")
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # a JSON escape "\\ud800" alone decodes to a lone surrogate
-                raise UserError(f"{path}:{i + 1}: the text holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                raise UserError(f"{path}:{n}: the text holds a lone surrogate (an unpaired \\ud800-\\udfff "
                                 "escape), not Unicode text") from None
             yield text
     elif suffix == ".parquet":
@@ -107,37 +125,66 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         except ImportError:
             raise UserError("reading .parquet needs pyarrow: pip install 'nanoseek[data]'") from None
         try:
-            table = pq.read_table(path, columns=[text_field])
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=[text_field]):
+                yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
         except Exception as e:  # pyarrow raises several types for a bad file or a missing column
             raise UserError(f"cannot read {path} column {text_field!r}: {e}") from None
-        yield from (t for t in table.column(text_field).to_pylist() if isinstance(t, str))
     else:
         yield _read_text(path)
 
 
-def load_documents(sources: Iterable[str], text_field: str = "text") -> list[str]:
-    docs = []
+def iter_documents(sources: Iterable[str], text_field: str = "text") -> Iterator[str]:
+    """Every non-empty document of the corpus in reading order, read as it goes."""
     for f in resolve_sources(sources):
-        docs += [d for d in read_documents(f, text_field) if d]
+        yield from (d for d in read_documents(f, text_field) if d)
+
+
+def load_documents(sources: Iterable[str], text_field: str = "text") -> list[str]:
+    docs = list(iter_documents(sources, text_field))
     if not docs:
         raise UserError(f"corpus {', '.join(map(str, sources))} is empty")
     return docs
 
 
-def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic split: val is the last val_fraction of all characters (in reading order); the
-    document at the cut is split in two. On a single file this is exactly nanoGPT's split."""
+def split_stream(docs: Iterable[str], total_chars: int, val_fraction: float) -> Iterator[tuple[bool, str]]:
+    """(in val, text) in reading order: val is the last val_fraction of all total_chars characters, the document at
+    the cut split in two (on a single file exactly nanoGPT's split). Train's documents all come first."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1")
-    total = sum(len(d) for d in docs)
-    cut = int(total * (1 - val_fraction))
-    seen = 0
-    for i, d in enumerate(docs):
-        if seen + len(d) > cut:
-            head, tail = d[: cut - seen], d[cut - seen:]
-            return docs[:i] + ([head] if head else []), [tail] + docs[i + 1:]
-        seen += len(d)
-    return docs, []
+    cut, seen = int(total_chars * (1 - val_fraction)), 0
+    for d in docs:
+        if seen > cut:
+            yield True, d
+        elif seen + len(d) > cut:
+            if d[: cut - seen]:
+                yield False, d[: cut - seen]
+            yield True, d[cut - seen:]
+            seen = cut + 1
+        else:
+            seen += len(d)
+            yield False, d
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """split_stream on a list: (train documents, val documents)."""
+    parts = list(split_stream(docs, sum(len(d) for d in docs), val_fraction))
+    return [d for v, d in parts if not v], [d for v, d in parts if v]
+
+
+class Corpus:
+    """A corpus' train or val documents, read from its files at each pass (never all in memory)."""
+
+    def __init__(self, sources: list[str], text_field: str, val_fraction: float):
+        self.sources, self.text_field, self.val_fraction = sources, text_field, val_fraction
+        self.total_chars = sum(len(d) for d in iter_documents(sources, text_field))  # a first pass
+        if not self.total_chars:
+            raise UserError(f"corpus {', '.join(map(str, sources))} is empty")
+
+    def split(self, val: bool) -> Iterator[str]:
+        parts = split_stream(iter_documents(self.sources, self.text_field), self.total_chars, self.val_fraction)
+        if val:
+            return (d for v, d in parts if v)
+        return (d for _, d in itertools.takewhile(lambda part: not part[0], parts))  # train ends where val starts
 
 
 # --- tokenizing and packing -------------------------------------------------------------------------
@@ -161,54 +208,84 @@ DATA_FORMAT = 3
 came before all its documents; 2: a document's text "<|eos|>" became the special token)."""
 
 
-def encode_documents(tokenizer, docs: list[str], batch_chars: int = 1 << 22) -> np.ndarray:
-    """All documents as one token stream, <|bos|> before each; a document's text is text (its "<|eos|>" is seven
-    characters, not the special token). Encoded in batches (tokenizers runs a batch on all cores)."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    chunks, batch, size = [], [], 0
+def shard_dtype(tokenizer):
+    return np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
 
+
+def encode_stream(tokenizer, docs: Iterable[str], batch_chars: int = 1 << 22) -> Iterator[np.ndarray]:
+    """All documents as one token stream in chunks, <|bos|> before each; a document's text is text (its "<|eos|>"
+    is seven characters, not the special token). Encoded in batches (tokenizers runs a batch on all cores)."""
+    dtype = shard_dtype(tokenizer)
     bos = np.asarray([tokenizer.bos_id], dtype=dtype)
+    batch, size = [], 0
 
     def flush():
+        chunks = []
         for (j, _), ids in zip(batch, tokenizer.encode_batch([p for _, p in batch], literal=True)):
             if j == 0:  # a document's first piece
                 chunks.append(bos)
             chunks.append(np.asarray(ids, dtype=dtype))
         batch.clear()
+        return np.concatenate(chunks)
 
     for doc in docs:
         for j, piece in enumerate(_pieces(doc)):
             batch.append((j, piece))
             size += len(piece)
         if size >= batch_chars:
-            flush()
+            yield flush()
             size = 0
-    flush()
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    if batch:
+        yield flush()
+
+
+def encode_documents(tokenizer, docs: Iterable[str], batch_chars: int = 1 << 22) -> np.ndarray:
+    """encode_stream as one array."""
+    return np.concatenate([np.zeros(0, dtype=shard_dtype(tokenizer)), *encode_stream(tokenizer, docs, batch_chars)])
 
 
 def prepare(sources: list[str], tokenizer, out_dir: str | Path, val_fraction: float = 0.1,
             text_field: str = "text", min_tokens: int = 0) -> dict:
     """Tokenize a corpus into out_dir/{train,val}.bin + meta.json; returns meta."""
-    from nanoseek.checkpoint import atomic_write, atomic_write_text
+    from nanoseek.checkpoint import atomic_write_text
 
-    train_docs, val_docs = split_documents(load_documents(sources, text_field), val_fraction)
+    corpus = Corpus(sources, text_field, val_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # until the new shards are all written, none are valid
     meta = {"format": DATA_FORMAT, "sources": [str(s) for s in sources], "files": corpus_files(sources),
             "text_field": text_field, "val_fraction": val_fraction, "vocab_size": tokenizer.vocab_size,
             "tokenizer_sha": tokenizer_fingerprint(tokenizer)}
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = encode_documents(tokenizer, docs)
-        if len(ids) <= min_tokens:
-            raise UserError(f"the corpus' {split} split has {len(ids)} tokens, fewer than one training sequence "
-                            f"({min_tokens + 1} needed): give more text or a shorter --seq-len")
-        atomic_write(out / f"{split}.bin", lambda tmp, ids=ids: ids.tofile(tmp))
-        meta[split] = {"tokens": int(len(ids)), "dtype": str(ids.dtype), "chars": sum(len(d) for d in docs),
-                       "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+    for split in ("train", "val"):
+        meta[split] = _write_shard(out / f"{split}.bin", tokenizer, corpus.split(val=split == "val"), split,
+                                   min_tokens)
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _write_shard(path: Path, tokenizer, docs: Iterator[str], split: str, min_tokens: int) -> dict:
+    """A split's documents, tokenized as they are read, written (atomically) to path; its counts for meta.json."""
+    from nanoseek.checkpoint import atomic_write
+
+    counts = {"tokens": 0, "dtype": np.dtype(shard_dtype(tokenizer)).name, "chars": 0, "bytes": 0}
+
+    def counted():
+        for d in docs:
+            counts["chars"] += len(d)
+            counts["bytes"] += len(d.encode("utf-8"))
+            yield d
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            for ids in encode_stream(tokenizer, counted()):
+                ids.tofile(f)
+                counts["tokens"] += len(ids)
+        if counts["tokens"] <= min_tokens:
+            raise UserError(f"the corpus' {split} split has {counts['tokens']} tokens, fewer than one training "
+                            f"sequence ({min_tokens + 1} needed): give more text or a shorter --seq-len")
+
+    atomic_write(path, write)
+    return counts
 
 
 def corpus_files(sources: list[str]) -> list[list]:
@@ -255,8 +332,8 @@ def ensure_tokenizer(args, run_dir: Path, vocab_size: int, force: bool = False):
             print(f"note: --vocab-size {args.vocab_size} not used: {tok_dir} exists ({tok.vocab_size} tokens); "
                   "delete it, or use another --run, to train another")
         return tok
-    train_docs, _ = split_documents(load_documents(corpus_sources(args), args.text_field), args.val_fraction)
-    tok = train_tokenizer(iter(train_docs), vocab_size)
+    corpus = Corpus(corpus_sources(args), args.text_field, args.val_fraction)
+    tok = train_tokenizer(corpus.split(val=False), vocab_size)
     tok.save(tok_dir)
     return tok
 

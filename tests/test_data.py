@@ -9,11 +9,13 @@ from nanoseek.data import (
     encode_documents,
     ensure_data,
     eval_windows,
+    iter_documents,
     load_documents,
     load_tokens,
     prepare,
     resolve_sources,
     split_documents,
+    split_stream,
 )
 from nanoseek.errors import UserError
 from nanoseek.tokenizer import train_tokenizer
@@ -55,6 +57,29 @@ def test_sources_resolve_each_file_once_through_links(tmp_path):
     assert names([tmp_path / "d", tmp_path / "d" / "top.txt"]) == ["linked.txt", "low.txt", "top.txt"]
     (tmp_path / "notes[1].txt").write_text("brackets")  # an existing path is a path, not a glob
     assert names([tmp_path / "notes[1].txt"]) == ["notes[1].txt"]
+
+
+def test_documents_are_read_as_they_go(tmp_path):
+    """A corpus larger than memory: JSONL and parquet files are read a document at a time (bytes further on that
+    are not UTF-8 are not even decoded yet), and prepare writes the shards as it tokenizes."""
+    (tmp_path / "c.jsonl").write_bytes(json.dumps({"text": "first"}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    docs = iter_documents([str(tmp_path / "c.jsonl")])
+    assert next(docs) == "first"
+    with pytest.raises(UserError, match="not UTF-8 text \\(line 2"):
+        next(docs)
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(10_000)]}), tmp_path / "p.parquet", row_group_size=100)
+    assert list(iter_documents([str(tmp_path / "p.parquet")])) == [f"row {i}" for i in range(10_000)]
+
+
+def test_split_stream_is_the_list_split_in_order():
+    docs = ["aaaa", "bbbb", "cc", "d"]
+    for fraction in (0.1, 0.3, 0.5, 0.9):
+        train, val = split_documents(docs, fraction)
+        assert list(split_stream(docs, 11, fraction)) == [(False, d) for d in train] + [(True, d) for d in val]
+        assert "".join(train + val) == "".join(docs) and len("".join(val)) == 11 - int(11 * (1 - fraction))
 
 
 def test_byte_order_mark_and_lone_surrogates(tmp_path):
