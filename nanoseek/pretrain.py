@@ -60,7 +60,9 @@ def add_arguments(p) -> None:
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     g.add_argument("--muon-lr", type=float,
                    help="Muon learning rate (default: 0.005 for a model with routed experts, 0.01 for a dense one)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="decoupled, on Muon's matrices (--optimizer adamw: the same ones); not on attention's input "
+                   "projections, embeddings, head, norms, router")
     g.add_argument("--schedule", choices=["wsd", "cosine", "constant"], default="wsd")
     g.add_argument("--warmup", type=float, default=0.02, help="warm-up, fraction of the run")
     g.add_argument("--decay", type=float, default=0.4, help="WSD: final decay, fraction of the run")
