@@ -50,8 +50,8 @@ def resolve_sources(sources: Iterable[str]) -> list[Path]:
             else:
                 found = [m]
             for f in found:
-                if os.path.realpath(f) not in seen:
-                    seen.add(os.path.realpath(f))
+                if (real := os.path.realpath(f)) not in seen:
+                    seen.add(real)
                     files.append(f)
     if not files:
         raise UserError(f"corpus {', '.join(map(str, sources)) or '(none)'} holds no "
@@ -151,15 +151,15 @@ def split_stream(docs: Iterable[str], total_chars: int, val_fraction: float) -> 
     the cut split in two (on a single file exactly nanoGPT's split). Train's documents all come first."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1")
-    cut, seen = int(total_chars * (1 - val_fraction)), 0
+    cut, seen, in_val = int(total_chars * (1 - val_fraction)), 0, False
     for d in docs:
-        if seen > cut:
+        if in_val:
             yield True, d
-        elif seen + len(d) > cut:
-            if d[: cut - seen]:
+        elif seen + len(d) > cut:  # the document at the cut: its head is train's, its tail val's
+            if cut > seen:
                 yield False, d[: cut - seen]
             yield True, d[cut - seen:]
-            seen = cut + 1
+            in_val = True
         else:
             seen += len(d)
             yield False, d

@@ -222,6 +222,7 @@ def train(args):
     if d.main:
         evaluated = _truncate_metrics(metrics_path, step)
         if not args.resume:
+            ckpt_path.unlink(missing_ok=True)  # --overwrite: the old run's state belongs to another model
             save_model(model, stage)  # config.json now: a crash before the first checkpoint still leaves one
     train_model = parallel.wrap(torch.compile(model) if args.compile else model, d)
 
@@ -300,10 +301,10 @@ def train(args):
                 losses += torch.tensor([out.loss.item(), out.lm_loss.item(),
                                         out.mtp_loss.item() if out.mtp_loss is not None else math.nan])
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else 1e30))
-            if not (math.isfinite(losses[0]) and math.isfinite(grad_norm)):  # before the update: weights stay good
-                raise UserError(f"{'loss' if not math.isfinite(losses[0]) else 'gradient norm'} became "
-                                f"{losses[0].item() if not math.isfinite(losses[0]) else grad_norm} at step "
-                                f"{step + 1}: lower --lr/--muon-lr (the last checkpoint in {stage} is kept)")
+            for what, value in (("loss", float(losses[0])), ("gradient norm", grad_norm)):
+                if not math.isfinite(value):  # stop before the update: the weights stay finite
+                    raise UserError(f"{what} became {value} at step {step + 1}: lower --lr/--muon-lr (the last "
+                                    f"checkpoint in {stage} is kept)")
             opt.step()
             opt.zero_grad()
             parallel.sync_expert_load(model, d)
