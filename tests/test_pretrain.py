@@ -207,3 +207,41 @@ def test_optimizer_groups(name):
         for steps, close in ((EXPERT_NS_STEPS, True), (5, False)):
             expected = orthogonalize(w.grad.view(w.muon_view), steps).view(w.shape)
             assert torch.allclose(step, expected, atol=0.02) == close
+
+
+def test_divergence_stops_before_the_update_and_world_is_checked(tmp_path, corpus, monkeypatch):
+    """In-process: a NaN gradient norm at step 3 stops the run before that update (the step-2 checkpoint and the
+    weights stay finite); a checkpoint written by another number of processes is not resumed."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nanoseek.cli import build_parser
+    from nanoseek.errors import UserError
+    from nanoseek.pretrain import train
+
+    run = tmp_path / "run"
+    args = lambda *extra: build_parser().parse_args(["pretrain", "--run", str(run), "--data", str(corpus),
+                                                      "--max-steps", "4", "--save-every", "2", *TINY, *extra])
+    calls = {"n": 0}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def nan_at_third(params, max_norm):
+        calls["n"] += 1
+        norm = clip(params, max_norm)
+        return torch.tensor(float("nan")) if calls["n"] == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_at_third)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # TINY's --threads 1: not for the whole session
+    with pytest.raises(UserError, match="gradient norm became nan at step 3"):
+        train(args())
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    ckpt = run / "base" / "checkpoint.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["info"])
+    assert info["step"] == 2 and all(t.isfinite().all() for t in tensors.values() if t.is_floating_point())
+    save_file(tensors, str(ckpt), metadata={**meta, "info": json.dumps({**info, "world": 2})})
+    with pytest.raises(UserError, match="trained by 2 processes, not 1"):
+        train(args("--resume"))
