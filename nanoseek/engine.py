@@ -196,10 +196,12 @@ class KVCache:
         return slot
 
     def free(self, slot: int) -> None:
-        """Give the slot back; its memory is reused by the next sequence (no reallocation)."""
+        """Give the slot back; its memory is reused by the next sequence (no reallocation). Freeing a free
+        slot does nothing."""
         self.lengths[slot] = 0
-        self.free_slots.append(slot)
-        self.free_slots.sort(reverse=True)
+        if slot not in self.free_slots:
+            self.free_slots.append(slot)
+            self.free_slots.sort(reverse=True)
 
     def begin(self, slots: list[int], S: int) -> torch.Tensor:
         """Prepare a forward of S new tokens for each slot; returns their positions [B, S]."""
@@ -491,6 +493,7 @@ class _Sequence:
     prompt_logprobs: PromptLogprobs | None = None
     finish_reason: str | None = None
     outbox: deque[Event] | None = None  # stream()'s: this request's events, whoever ran the step
+    error: BaseException | None = None  # what ended it in a step that failed
     # speculative decoding: (hidden state at i, token i+1) pairs the MTP module has not seen yet
     mtp_h: torch.Tensor | None = None
     mtp_ids: list[int] = field(default_factory=list)
@@ -533,8 +536,8 @@ def penalize(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output:
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row of probs [B, V], row b drawn with generators[b] (so a seeded request draws the same
-    tokens whatever else is in the batch): inverse CDF with one uniform number per row, batched (one
+    """One token per row of probs [B, V], row b drawn with generators[b] (a seeded request draws the same random
+    numbers whatever else is in the batch): inverse CDF with one uniform number per row, batched (one
     torch.multinomial per row costs ~75 us at V=4096, which at batch 32 was a fifth of a decode step)."""
     u = torch.stack([torch.rand((), generator=g) for g in generators]).to(probs.device)
     cdf = probs.float().cumsum(-1)
@@ -641,17 +644,21 @@ class Engine:
             return
         if seq in self.waiting:
             self.waiting.remove(seq)
-        elif seq in self.running:  # (neither: a Ctrl-C hit step() while it was admitting this request)
-            self._release(seq)
+        self._release(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def _release(self, seq: _Sequence) -> None:
-        self.running.remove(seq)
-        self.cache.free(seq.slot)
-        if self.mtp_cache is not None:
-            self.mtp_cache.free(seq.slot)
+        """Take seq out of the running batch and free its slot; safe to call again, or for a sequence that an
+        interrupted step took from `waiting` but did not finish admitting."""
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot >= 0:
+            self.cache.free(seq.slot)
+            if self.mtp_cache is not None:
+                self.mtp_cache.free(seq.slot)
+            seq.slot = -1
         seq.mtp_h = None
 
     # -- the step loop
@@ -660,17 +667,27 @@ class Engine:
         then decode one token (speculative: one or two) for every sequence that was already running.
 
         A stop_check callback that raises ends its own request (finish_reason "error"); the other sequences
-        of the batch still get their tokens, and then step() raises that exception."""
-        events = []
-        with torch.inference_mode(), _eval(self.model):
-            decoding = list(self.running)
-            admitted = self._admit()
-            if admitted:
-                if self.forward.stale():  # the model was trained since the weights were folded: refold
-                    self.forward = self._make_forward()
-                events += self._prefill(admitted)
-            if decoding:
-                events += self._speculate(decoding) if self.speculative else self._decode(decoding)
+        of the batch still get their tokens, and then step() raises that exception. Any other exception
+        (out of memory, an interrupt) may leave the step's sequences with caches half written: they end
+        (finish_reason "error", slots freed) and the exception propagates; the engine serves later requests."""
+        events, self._errors = [], []
+        decoding, admitted = list(self.running), []
+        try:
+            with torch.inference_mode(), _eval(self.model):
+                admitted = self._admit()
+                if admitted:
+                    if self.forward.stale():  # the model was trained since the weights were folded: refold
+                        self.forward = self._make_forward()
+                    events += self._prefill(admitted)
+                if decoding:
+                    events += self._speculate(decoding) if self.speculative else self._decode(decoding)
+        except BaseException as e:
+            for seq in decoding + admitted:
+                seq.finish_reason, seq.error = seq.finish_reason or "error", e
+                self._release(seq)
+                self.sequences.pop(seq.id, None)
+            self._errors = []
+            raise
         if self.compile and getattr(self.forward, "compiled", True) is None:  # it failed: do not retry at refolds
             self.compile = False
         for ev in events:
@@ -765,9 +782,10 @@ class Engine:
         return events
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]):
-        """logits [B, V] fp32 -> one token per row (argmax, or sampled with the row's own generator, so a
-        seeded request draws the same tokens whatever else is in the batch), its log-prob, and the row's
-        top_logprobs most likely tokens (None where not asked for)."""
+        """logits [B, V] fp32 -> one token per row (argmax, or sampled with the row's own generator: a seeded
+        request draws the same random numbers whatever else is in the batch; the logits themselves may differ in
+        their last bits with the batch's size, which picks the kernels, so a near-tie can go either way), its
+        log-prob, and the row's top_logprobs most likely tokens (None where not asked for)."""
         choice = self._penalized(logits[:, None], seqs)[:, 0]
         tokens = choice.argmax(-1)
         rows = [b for b, seq in enumerate(seqs) if not seq.params.greedy]
@@ -831,8 +849,9 @@ class Engine:
     def _speculate(self, seqs: list[_Sequence]) -> list[Event]:
         """One step: the MTP module drafts token n+1 from (h_{n-1}, t_n); the main model runs [t_n, draft]
         in one forward, which verifies the draft and, if it holds, also gives token n+2. Greedy output is
-        exactly plain greedy decoding; sampled output keeps the model's distribution (speculative sampling:
-        accept the draft with probability min(1, p/q), else sample from max(p - q, 0))."""
+        plain greedy decoding's (up to the last bits of the logits: a near-tie may break differently); sampled
+        output keeps the model's distribution (speculative sampling: accept the draft with probability
+        min(1, p/q), else sample from max(p - q, 0))."""
         B, slots = len(seqs), [s.slot for s in seqs]
         fwd, device = self.forward, self.cache.device
         # 1. the MTP module takes the one or two (hidden, token) pairs it has not seen; the last one drafts
@@ -924,6 +943,8 @@ class Engine:
                 yield ev
                 if ev.finish_reason is not None:
                     return
+            if seq.error is not None:  # another caller's step() failed and ended this request too
+                raise RuntimeError(f"generation failed: {seq.error!r}") from seq.error
         finally:
             self.abort(rid)  # the caller stopped iterating early: free the slot
 

@@ -70,6 +70,8 @@ class Handle:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     request_ids: dict[int, int] = field(default_factory=dict)  # engine request id -> choice index
+    finished: int = 0  # choices that have had their last event
+    released: bool = False
 
 
 class EngineLoop:
@@ -102,10 +104,13 @@ class EngineLoop:
         self.stats["requests"] += 1
         self.inbox.put(("add", handle))
 
-    def release(self, handle: Handle, finished: int) -> None:
-        """The request is over (finished, failed or its client left): abort what still runs."""
+    def release(self, handle: Handle) -> None:
+        """The request is over (finished, failed or its client left): abort what still runs. Once per handle."""
+        if handle.released:
+            return
+        handle.released = True
         self.outstanding -= len(handle.jobs)
-        if finished < len(handle.jobs):
+        if handle.finished < len(handle.jobs):
             self.inbox.put(("abort", handle))
 
     def stop(self) -> None:
@@ -655,6 +660,16 @@ def create_app(server: Server):
         jobs = plan.jobs
         handle = Handle(jobs, asyncio.get_running_loop())
         server.loop.submit(handle)
+        response = None
+        try:
+            response = await _respond(request, req, plan, chat, handle)
+            return response
+        finally:
+            if not isinstance(response, StreamingResponse):  # a stream releases its handle when it ends
+                server.loop.release(handle)
+
+    async def _respond(request, req, plan: Plan, chat: bool, handle: Handle):
+        jobs = plan.jobs
         server.loop.stats["prompt_tokens"] += plan.prompt_tokens
         texts = [ChoiceText(server.tokenizer, plan.stops, plan.stop_ids, chat=chat,
                             logprobs=plan.logprobs is not None, echo=plan.echoes[i] if plan.echoes else None)
@@ -675,18 +690,14 @@ def create_app(server: Server):
 
         async def events():
             """(index, reasoning delta, content delta, finish_reason) until every choice has finished."""
-            finished = 0
-            try:
-                while finished < len(jobs):
-                    index, ev = await handle.events.get()
-                    if isinstance(ev, Exception):
-                        raise APIError(400 if isinstance(ev, UserError) else 500, str(ev))
-                    r, c = texts[index].add(ev)
-                    server.loop.stats["completion_tokens"] += 1
-                    finished += ev.finish_reason is not None
-                    yield index, r, c, ev.finish_reason
-            finally:
-                server.loop.release(handle, finished)
+            while handle.finished < len(jobs):
+                index, ev = await handle.events.get()
+                if isinstance(ev, Exception):
+                    raise APIError(400 if isinstance(ev, UserError) else 500, str(ev))
+                r, c = texts[index].add(ev)
+                server.loop.stats["completion_tokens"] += 1
+                handle.finished += ev.finish_reason is not None
+                yield index, r, c, ev.finish_reason
 
         if not req.stream:
             async def drain():
@@ -726,6 +737,13 @@ def create_app(server: Server):
             return f"data: {json.dumps(body)}\n\n"
 
         async def sse():
+            try:
+                async for line in stream():
+                    yield line
+            finally:
+                server.loop.release(handle)
+
+        async def stream():
             if chat:  # the first chunk of each choice names the role
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(len(jobs))])

@@ -156,9 +156,12 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(model, impl):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
 
 
-def test_logprobs_are_log_softmax_of_full_forward_logits(model):
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.6, top_k=20, top_p=0.9,
+                                                                   repetition_penalty=1.3)])
+def test_logprobs_are_log_softmax_of_full_forward_logits(model, params):
+    """Of the model's own distribution, whatever the sampling settings (what RL needs)."""
     prompt = [5, 9, 200, 3]
-    out = Engine(model).generate([prompt], SamplingParams(temperature=1.0, seed=0, max_new_tokens=10))[0]
+    out = Engine(model).generate([prompt], SamplingParams(seed=0, max_new_tokens=10, **params))[0]
     with torch.no_grad():
         logp = model(torch.tensor([prompt + out.tokens])).log_softmax(-1)[0, len(prompt) - 1: -1]
     expected = logp.gather(1, torch.tensor(out.tokens)[:, None])[:, 0]
@@ -217,6 +220,18 @@ def test_top_k_and_top_p_restrict_the_choices(model):
     nucleus = {Engine(model).generate([prompt], SamplingParams(temperature=1.0, top_p=1e-6, seed=s,
                                                               max_new_tokens=1))[0].tokens[0] for s in range(5)}
     assert nucleus == {top[0]}  # a tiny nucleus is the single most likely token
+
+
+def test_sampling_distribution_after_temperature_top_k_and_top_p():
+    from nanoseek.engine import filtered_probs
+
+    p = torch.tensor([0.5, 0.1, 0.3, 0.05, 0.05])
+    logits = p.log() + 7.0  # (softmax does not see the shift)
+    got = filtered_probs(logits, SamplingParams(top_p=0.7))  # 0.5 and 0.3 reach 0.7: 0.1 and less are dropped
+    torch.testing.assert_close(got, torch.tensor([0.625, 0.0, 0.375, 0.0, 0.0]))
+    sharp = torch.tensor([0.25, 0.01, 0.09, 0.0, 0.0])  # temperature 0.5 squares, top-k 3 keeps three
+    torch.testing.assert_close(filtered_probs(logits, SamplingParams(temperature=0.5, top_k=3)), sharp / sharp.sum())
+    torch.testing.assert_close(filtered_probs(logits, SamplingParams()), p)
 
 
 def test_continuous_batching_joins_and_leaves_like_isolated_runs(model):
@@ -305,6 +320,36 @@ def test_a_failing_stop_check_ends_its_request_only(model):
     assert e.sequences == {} and sorted(e.cache.free_slots) == [0, 1]
     # the other request's tokens are those of a run alone (its cache did not drift)
     assert other.tokens == greedy_reference(model, [4, 5], 12)
+
+
+def test_a_step_that_fails_ends_its_sequences_and_the_engine_serves_on(trained):
+    """An exception inside the model's forward (out of memory, an interrupt) after the MTP cache advanced but
+    before the main one did: the step's sequences end with their slots freed, a stream driven by another caller
+    says so, and later requests decode exactly as on a fresh engine."""
+    e = Engine(trained, max_batch=2, speculative=True)
+    want = Engine(trained, speculative=True).generate([[5, 6, 7]], GREEDY)[0].tokens
+    stream = e.stream([1, 2, 3], GREEDY)
+    next(stream)  # admitted and prefilled
+    other = e.add_request([4, 5], GREEDY)
+    real = e.forward.decode
+    e.forward.decode = lambda *a: (_ for _ in ()).throw(MemoryError("out of memory"))
+    with pytest.raises(MemoryError):
+        e.step()  # the MTP module drafted (its cache advanced), the verifying forward failed
+    e.forward.decode = real
+    assert other not in e.sequences and not e.has_work()
+    assert sorted(e.cache.free_slots) == [0, 1] == sorted(e.mtp_cache.free_slots)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        next(stream)
+    assert e.generate([[5, 6, 7]], GREEDY)[0].tokens == want
+
+    real = e.forward.hidden  # now in a prefill
+    e.forward.hidden = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt())
+    e.add_request([1, 2], GREEDY)
+    with pytest.raises(KeyboardInterrupt):
+        e.step()
+    e.forward.hidden = real
+    assert not e.has_work() and sorted(e.cache.free_slots) == [0, 1] == sorted(e.mtp_cache.free_slots)
+    assert e.generate([[5, 6, 7]], GREEDY)[0].tokens == want
 
 
 @pytest.mark.parametrize("penalties", [  # (this random model never repeats a token unpenalized: negative ones make it)
@@ -409,6 +454,7 @@ def test_compiled_decoding_equals_eager_alone_and_batched(trained, buckets, monk
     for batch in (1, 3):
         engine = Engine(trained, max_batch=batch, compile=True)
         out = [c for i in range(0, 3, batch) for c in engine.generate(prompts[i: i + batch], params)]
+        assert engine.forward.compiled is not None  # (a failed compile falls back to eager decoding)
         assert [o.tokens for o in out] == [o.tokens for o in eager]
         for a, b in zip(out, eager):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
@@ -421,7 +467,7 @@ def test_compiled_speculative_decoding_equals_plain_greedy(trained):
     for batch in (1, 3):
         engine = Engine(trained, max_batch=batch, speculative=True, compile=True)
         out = [c.tokens for i in range(0, 3, batch) for c in engine.generate(prompts[i: i + batch], params)]
-        assert out == plain
+        assert out == plain and engine.forward.compiled is not None
         assert 0 < engine.stats["accepted"] < engine.stats["drafted"]
 
 
@@ -435,6 +481,7 @@ def test_compiled_graphs_follow_retrained_weights_without_recompiling(trained):
             p.add_(torch.randn_like(p) * 0.05)
     assert engine.generate([[1, 2]], GREEDY)[0].tokens == greedy_reference(m, [1, 2], 12)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert engine.forward.compiled is not None
 
 
 def test_compile_falls_back_to_eager_when_the_compiler_fails(trained, monkeypatch, capsys):
