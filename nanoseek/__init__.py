@@ -1,4 +1,4 @@
-"""nanoseek: DeepSeek-V3 architecture and R1-style reasoning training, in miniature.
+"""nanoseek: the DeepSeek-V3 architecture in miniature (tokenizer, pretraining, inference engine, server).
 
     import nanoseek
     model, tokenizer = nanoseek.load("runs/demo")      # a run, a checkpoint or a transformers directory

@@ -249,7 +249,7 @@ def run_chat(args) -> None:
             continue
         history.append({"role": "user", "content": line})
         try:
-            ids, dropped = _fit(tokenizer, system, history, engine.max_len, min(REPLY_ROOM, params.max_new_tokens))
+            ids, dropped = _fit(tokenizer, system, history, engine.max_len, params.max_new_tokens)
         except UserError as e:  # e.g. text that is not valid Unicode: this message fails, the chat goes on
             ids, dropped, problem = None, 0, str(e)
         else:
@@ -276,10 +276,11 @@ def run_chat(args) -> None:
         history.append({"role": "assistant", "content": THINK_BLOCK.sub("", stream.text()).strip()})
 
 
-def _fit(tokenizer, system, history, max_len, room):
+def _fit(tokenizer, system, history, max_len, max_new_tokens):
     """Render the conversation for generation, dropping the oldest exchanges (user + assistant) until it
-    leaves `room` new tokens (the last message alone needs room for one): (ids or None if even the last
-    message is too long, exchanges dropped x 2)."""
+    leaves room for a reply of min(REPLY_ROOM, max_new_tokens) tokens (the last message alone needs room for
+    one): (ids or None if even the last message is too long, exchanges dropped x 2)."""
+    room = min(REPLY_ROOM, max_new_tokens)
     head = [{"role": "system", "content": system}] if system else []
     for dropped in range(0, len(history), 2):
         ids, _ = tokenizer.render_chat(head + history[dropped:], add_generation_prompt=True)

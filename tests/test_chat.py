@@ -58,11 +58,22 @@ def test_generate_json_is_greedy_decoding(run_dir, capsys):
     assert all(lp <= 0 for lp in res["logprobs"])
 
 
-def test_generate_compile_gives_the_same_tokens(run_dir, capsys):
+def engines_made(monkeypatch) -> list:
+    """The Engine objects the CLI makes from now on."""
+    import nanoseek.engine
+
+    made, real = [], nanoseek.engine.Engine
+    monkeypatch.setattr(nanoseek.engine, "Engine", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    return made
+
+
+def test_generate_compile_gives_the_same_tokens(run_dir, capsys, monkeypatch):
     d, _, _ = run_dir
     eager = json.loads(generate(capsys, d, "The king said", "--json").strip().splitlines()[-1])
+    made = engines_made(monkeypatch)
     compiled = json.loads(generate(capsys, d, "The king said", "--json", "--compile").strip().splitlines()[-1])
     assert compiled["tokens"] == eager["tokens"]
+    assert made[0].forward.compiled is not None  # it decoded compiled (a failed compile falls back to eager)
 
 
 def test_generate_chat_wraps_the_prompt_in_the_template(run_dir, capsys):
@@ -85,15 +96,18 @@ def test_streamed_text_and_stop_strings(run_dir, capsys):
     assert generate(capsys, d, "Good night", "--stop", stop) == full[: full.index(stop)] + "\n"
 
 
-def test_generate_from_an_exported_transformers_directory(run_dir, tmp_path, capsys):
+def test_generate_from_an_exported_transformers_directory(run_dir, tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
     from nanoseek.hf import export
 
     d, model, _ = run_dir
     export(model, tmp_path / "hf", d / "tokenizer")
+    made = engines_made(monkeypatch)
     a = json.loads(generate(capsys, d, "Speak", "--json", "--speculative"))
     b = json.loads(generate(capsys, tmp_path / "hf", "Speak", "--json"))
-    assert a["tokens"] == b["tokens"] and "mtp_acceptance" in a
+    assert a["tokens"] == b["tokens"]
+    drafted = made[0].stats["drafted"]  # the first run drafted with the MTP module
+    assert drafted > 0 and a["mtp_acceptance"] == round(made[0].stats["accepted"] / drafted, 4)
 
 
 def test_chat_commands_and_history(run_dir, capsys, monkeypatch):
@@ -149,13 +163,16 @@ def test_chat_keeps_room_for_a_reply(run_dir):
     exchange = [{"role": "user", "content": "the king " * 30}, {"role": "assistant", "content": "good night " * 30}]
     history = exchange * 2 + [{"role": "user", "content": "hi"}]
     full = len(tok.render_chat(history, add_generation_prompt=True)[0])
-    ids, dropped = _fit(tok, None, history, full + 10, room=10)
+    ids, dropped = _fit(tok, None, history, full + 10, max_new_tokens=10)
     assert dropped == 0 and len(ids) == full
-    ids, dropped = _fit(tok, None, history, full + 9, room=10)
+    ids, dropped = _fit(tok, None, history, full + 9, max_new_tokens=10)
     assert dropped == 2 and len(ids) + 10 <= full + 9
     last = len(tok.render_chat(history[-1:], add_generation_prompt=True)[0])
-    assert _fit(tok, None, history, last + 1, room=10) == (tok.render_chat(history[-1:], True)[0], 4)
-    assert _fit(tok, None, history, last, room=10) == (None, 0)
+    assert _fit(tok, None, history, last + 1, max_new_tokens=10) == (tok.render_chat(history[-1:], True)[0], 4)
+    assert _fit(tok, None, history, last, max_new_tokens=10) == (None, 0)
+    # a reply may be longer than the room kept for it: 256 new tokens asked, 64 kept (REPLY_ROOM), so that a
+    # long --max-new-tokens does not drop the whole conversation at every turn
+    assert _fit(tok, None, history, full + 64, max_new_tokens=256) == (tok.render_chat(history, True)[0], 0)
 
 
 def test_generate_refuses_stdin_that_is_not_utf8(run_dir):

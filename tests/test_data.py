@@ -180,7 +180,9 @@ def test_prepared_data_is_remade_when_the_corpus_changes(tmp_path, tok):
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = Namespace(data=[str(corpus)], text_field="text", val_fraction=0.1)
     first = ensure_data(args, tmp_path, tok, 8)
-    assert ensure_data(args, tmp_path, tok, 8) == first  # unchanged: reused
+    written = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "data").iterdir()}
+    assert ensure_data(args, tmp_path, tok, 8) == first  # unchanged: reused, not written again
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "data").iterdir()} == written
     args.text_field = "body"
     assert ensure_data(args, tmp_path, tok, 8)["train"]["chars"] != first["train"]["chars"]
     args.text_field = "text"

@@ -53,6 +53,25 @@ def test_logits_match_transformers(tmp_path, name):
     assert diff <= 1e-4, diff
 
 
+def test_mtp_layers_are_exported_under_deepseek_v3s_names(tmp_path):
+    """Layer L (the first MTP module) as in DeepSeek-V3's checkpoints, which vLLM and llama.cpp read: a decoder
+    block named like the others plus enorm, hnorm, eh_proj, embed_tokens and shared_head.{norm,head}."""
+    from safetensors import safe_open
+
+    model = random_model()
+    export(model, tmp_path)
+    names = set()
+    for f in tmp_path.glob("*.safetensors"):
+        with safe_open(f, "pt") as g:
+            names |= set(g.keys())
+    L = model.config.num_hidden_layers
+    mtp = {n[len(f"model.layers.{L}."):] for n in names if n.startswith(f"model.layers.{L}.")}
+    block = {n[len(f"model.layers.{L - 1}."):] for n in names if n.startswith(f"model.layers.{L - 1}.")}
+    assert mtp - block == {"enorm.weight", "hnorm.weight", "eh_proj.weight", "embed_tokens.weight",
+                           "shared_head.norm.weight", "shared_head.head.weight"}
+    assert block <= mtp
+
+
 def test_export_import_round_trip_is_bit_identical(tmp_path):
     model = random_model(num_nextn_predict_layers=2, bias_update_speed=0.01, mtp_loss_weight=1.0)
     export(model, tmp_path / "hf")
@@ -72,6 +91,12 @@ def test_load_reads_run_checkpoint_and_transformers_dirs(tmp_path, overrides):
     save_model(model, tmp_path / "run" / "base")
     m1, tok = nanoseek.load(tmp_path / "run")
     assert tok is None and all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), model.state_dict().values()))
+    assert not m1.training  # ready for inference
+    if not overrides:  # a run with a later stage: load() takes the newest (sft over base)
+        sft = random_model(**overrides)
+        save_model(sft, tmp_path / "run" / "sft")
+        m3, _ = nanoseek.load(tmp_path / "run")
+        assert torch.equal(m3.lm_head.weight, sft.lm_head.weight)
     # a directory written by transformers itself (no MTP weights) loads without conversion
     export(model, tmp_path / "hf")
     ref = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf")

@@ -49,6 +49,43 @@ def test_bias_steers_selection_not_weights():
     torch.testing.assert_close(w[torch.arange(16), slot], scores[:, 3])
 
 
+def test_model_bias_update_steps_every_layer_by_the_configured_speed():
+    """NanoSeek.update_expert_bias (what the trainer calls each step): b_i += speed * sign(mean load - load_i)."""
+    torch.manual_seed(0)
+    model = NanoSeek(preset("tiny", bias_update_speed=0.01, n_group=1, topk_group=1)).train()
+    moe = model.moe_layers()[0]
+    moe.gate.e_score_correction_bias[0] = 10.0  # expert 0 is chosen by every token: overloaded
+    before = moe.gate.e_score_correction_bias.clone()
+    model(torch.randint(0, 512, (2, 16)))
+    load = moe.load.clone()
+    stats = model.update_expert_bias()
+    delta = moe.gate.e_score_correction_bias - before
+    torch.testing.assert_close(delta, 0.01 * torch.sign(load.mean() - load))
+    assert delta[0] == pytest.approx(-0.01, abs=1e-5)
+    assert stats["load_max_over_mean/0"] == float(load.max() / load.mean())
+    assert moe.load.sum() == 0  # counting starts again
+
+
+def test_sequence_aux_loss_is_deepseek_v3s():
+    """Eq. 17-20 of the V3 report, per sequence: f_i = E / (K T) * #tokens choosing i, P_i = mean over tokens of
+    i's normalised score; loss = alpha * sum_i f_i P_i, averaged over the sequences."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2, aux_loss_alpha=0.1)
+    moe = MoE(cfg).train()
+    torch.nn.init.normal_(moe.gate.weight, std=0.3)
+    x = torch.randn(3, 10, cfg.hidden_size)
+    moe(x)
+    E, K, T = 8, 2, 10
+    want = 0.0
+    for seq in x:
+        _, idx, scores = moe.gate(seq)
+        for i in range(E):
+            f = E / (K * T) * (idx == i).sum().item()
+            P = (scores[:, i] / scores.sum(-1)).mean().item()
+            want += 0.1 * f * P / 3
+    assert moe.aux_loss.item() == pytest.approx(want, rel=1e-5)
+
+
 def test_bias_update_moves_load_towards_balance():
     cfg = preset("tiny", n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2, bias_update_speed=0.01)
     moe = MoE(cfg).train()

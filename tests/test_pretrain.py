@@ -47,7 +47,60 @@ def test_pretrain_runs_logs_and_loads(tmp_path, corpus):
     from nanoseek import load
 
     model, tok = load(tmp_path / "run")
-    assert tok is not None and model.config.vocab_size == tok.vocab_size
+    assert tok is not None and model.config.vocab_size == tok.vocab_size and not model.training
+    # the trainer nudged every MoE layer's routing bias (auxiliary-loss-free balancing)
+    assert all(m.gate.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus):
+    """--batch-size 4 --grad-accum 2 trains on the same 8 sequences per step as --batch-size 8: same losses."""
+    common = ["--data", corpus, "--max-steps", 4, "--dtype", "fp32", "--eval-every", 0, *TINY]
+    nanoseek("pretrain", "--run", tmp_path / "a", *common, "--batch-size", 8)
+    nanoseek("pretrain", "--run", tmp_path / "b", *common, "--batch-size", 4, "--grad-accum", 2)
+    for x, y in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b"), strict=True):
+        for key in ("loss", "grad_norm", "val_bpb"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-4), (key, x, y)
+
+
+def test_bits_per_byte_and_per_char_count_every_token_once():
+    """val_loss is the mean nats of every token after <|bos|>; bpb/bpc divide the bits by the UTF-8 bytes /
+    characters of the text (here they differ: the text is not ASCII)."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from nanoseek.config import preset
+    from nanoseek.evaluate import bits_per_byte
+    from nanoseek.model import NanoSeek
+
+    torch.manual_seed(0)
+    model = NanoSeek(preset("tiny", vocab_size=64)).train()
+    tokens = np.random.default_rng(0).integers(1, 64, 40)
+    stream = torch.tensor([[0, *tokens]])
+    with torch.no_grad():
+        nats = F.cross_entropy(model.eval()(stream[:, :-1])[0], stream[0, 1:], reduction="sum").item()
+    model.train()
+    text = "naïve café ✓ " * 3
+    n_bytes, n_chars = len(text.encode()), len(text)
+    got = bits_per_byte(model, tokens, n_bytes, n_chars, seq_len=64, bos_id=0)
+    assert got["val_loss"] == pytest.approx(nats / 40, rel=1e-5)
+    assert got["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+    assert got["val_bpc"] == pytest.approx(nats / math.log(2) / n_chars, rel=1e-5)
+    assert model.training  # left as it was found
+
+
+def test_learning_rate_schedules():
+    from nanoseek.optim import lr_scale
+
+    wsd = [lr_scale(p, "wsd", warmup=0.1, decay=0.4, min_ratio=0.1) for p in (0.05, 0.1, 0.3, 0.6, 0.8, 1.0)]
+    assert wsd[0] == pytest.approx(0.051 / 0.101) and wsd[1:4] == [1.0, 1.0, 1.0]
+    assert wsd[4] == pytest.approx(0.1 + 0.9 * 0.5) and wsd[5] == pytest.approx(0.1)
+    cos = [lr_scale(p, "cosine", warmup=0.2, decay=0.0, min_ratio=0.0) for p in (0.2, 0.6, 1.0)]
+    assert cos == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_scale(0.99, "constant", warmup=0.0, decay=0.5) == 1.0
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
@@ -81,6 +134,20 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
     assert stopped_at < 40
     nanoseek("pretrain", "--run", tmp_path / "c", "--resume", *args)
     assert _same_losses(tmp_path / "a", tmp_path / "c")
+
+
+def test_sigterm_saves_and_exits_143(tmp_path, corpus):
+    """What a cluster scheduler sends: the run stops as on Ctrl-C, with a checkpoint, and exits 128 + 15."""
+    args = ["--run", tmp_path / "run", "--data", corpus, "--max-steps", 400, *TINY]
+    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", *map(str, args)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_path = tmp_path / "run" / "base" / "metrics.jsonl"
+    while not (metrics_path.exists() and metrics_path.read_text()) and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out and "Traceback" not in err, err
+    assert (tmp_path / "run" / "base" / "checkpoint.safetensors").exists()
 
 
 def _same_losses(a, b):

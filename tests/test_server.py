@@ -100,6 +100,30 @@ def test_penalties_reach_the_engine(client, model_and_tokenizer):
         assert r.choices[0].text == tok.decode([t for t in ref.tokens if t != tok.eos_id])
 
 
+def test_sampling_fields_and_length_defaults_reach_the_engine(model_and_tokenizer):
+    """What each request field becomes in the engine's SamplingParams (no generation)."""
+    from nanoseek.server import _schemas
+
+    model, tok = model_and_tokenizer
+    ChatRequest, CompletionRequest = _schemas()
+    server = Server(model, tok, "tiny", max_batch=2)
+    try:
+        hi = [{"role": "user", "content": "hi"}]
+        (ids, p), = server.chat_jobs(ChatRequest(messages=hi, temperature=0.7, top_p=0.8, top_k=5, seed=3,
+                                                 presence_penalty=0.5, frequency_penalty=0.25,
+                                                 repetition_penalty=1.1, max_completion_tokens=9)).jobs
+        assert (p.temperature, p.top_p, p.top_k, p.seed, p.max_new_tokens) == (0.7, 0.8, 5, 3, 9)
+        assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, 0.25, 1.1)
+        (ids, p), = server.chat_jobs(ChatRequest(messages=hi)).jobs  # chat: what the context leaves
+        assert p.max_new_tokens == server.engine.max_len - len(ids)
+        (_, p), = server.completion_jobs(CompletionRequest(prompt="hi")).jobs  # completions: 16
+        assert p.max_new_tokens == 16
+        (_, p), = server.completion_jobs(CompletionRequest(prompt="hi", max_tokens=5)).jobs
+        assert p.max_new_tokens == 5
+    finally:
+        server.close()
+
+
 def test_completions_n_seed_and_stop(client, model_and_tokenizer):
     model, tok = model_and_tokenizer
     assert client.completions.create(model="tiny", prompt="The king").usage.completion_tokens <= 16  # OpenAI's default
@@ -450,32 +474,39 @@ def test_requests_from_many_threads_share_one_batch(url):
     assert json.loads(results[0].text)["usage"]["completion_tokens"] >= 1
 
 
-def test_serve_compiles_by_default_but_a_dense_mha_model_decodes_eagerly(tmp_path, model_and_tokenizer):
+def test_serve_defaults_reach_the_server(tmp_path, model_and_tokenizer, monkeypatch):
+    """What `nanoseek serve RUN` builds by default: an MLA model decodes compiled with bfloat16 weights, the dense
+    MHA baseline eagerly; the API key comes from $NANOSEEK_API_KEY."""
+    import torch
+
+    import nanoseek.server as srv
     from nanoseek.checkpoint import save_model
     from nanoseek.cli import build_parser
     from nanoseek.config import preset
     from nanoseek.model import NanoSeek
-    from nanoseek.server import build_server
 
-    _, tok = model_and_tokenizer
+    model, tok = model_and_tokenizer
     dense = NanoSeek(preset("dense", vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                             intermediate_size=128, max_position_embeddings=64))
-    save_model(dense, tmp_path / "base")
-    tok.save(tmp_path / "tokenizer")
-    args = build_parser().parse_args(["serve", str(tmp_path), "--port", "0"])
-    assert args.compile
-    server = build_server(args)
-    try:
-        assert not server.engine.compile
-    finally:
-        server.close()
+    for name, m in (("mla", model), ("dense", dense)):
+        save_model(m, tmp_path / name / "base")
+        tok.save(tmp_path / name / "tokenizer")
+    built = []
+    monkeypatch.setattr(srv, "Server", lambda *args, **kw: built.append(kw))
+    monkeypatch.setenv("NANOSEEK_API_KEY", "sekret")
+    for name in ("mla", "dense"):
+        srv.build_server(build_parser().parse_args(["serve", str(tmp_path / name), "--port", "0"]))
+    assert built[0]["engine_kwargs"] == {"speculative": False, "dtype": torch.bfloat16, "compile": True}
+    assert built[0]["api_key"] == "sekret" and built[0]["max_batch"] == 32
+    assert built[1]["engine_kwargs"]["compile"] is False
 
 
 def test_a_compiled_engine_serves_the_same_answers_to_concurrent_clients(model_and_tokenizer):
     """serve's default: decode graphs compiled before listening, then driven from the engine thread at batch
     sizes 1..4 as requests come and go."""
     model, tok = model_and_tokenizer
-    with serving(Server(model, tok, "tiny", max_batch=4, engine_kwargs={"compile": True})) as u:
+    server = Server(model, tok, "tiny", max_batch=4, engine_kwargs={"compile": True})
+    with serving(server) as u:
         client = openai.OpenAI(base_url=u + "/v1", api_key="unused", max_retries=0)
         prompts = ["Good night my lord", "the queen said", "What is 3 + 4?", "Tell me a story", "hello"]
         with ThreadPoolExecutor(5) as pool:
@@ -486,3 +517,4 @@ def test_a_compiled_engine_serves_the_same_answers_to_concurrent_clients(model_a
         ref = engine_greedy(model, ids, stop_ids, 12)
         assert r.choices[0].message.content == split_reasoning(tok.decode([t for t in ref.tokens
                                                                             if t not in stop_ids]))[1]
+    assert server.engine.forward.compiled is not None  # (a failed compile would have decoded eagerly)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from helpers import corpus_text
 from hypothesis import HealthCheck, given, settings
@@ -88,3 +90,8 @@ def test_a_foreign_tokenizer_takes_its_chat_template_from_chat_template_jinja(tm
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
     ids, _ = Tokenizer.load(tmp_path).render_chat([{"role": "user", "content": "hi"}])
     assert t.decode(ids) == "[user] hi\n"
+    # older transformers keep the template in tokenizer_config.json; it wins over a chat_template.jinja
+    template = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": template}))
+    ids, _ = Tokenizer.load(tmp_path).render_chat([{"role": "user", "content": "hi"}])
+    assert t.decode(ids) == "<hi>"
