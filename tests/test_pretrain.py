@@ -52,6 +52,21 @@ def test_pretrain_runs_logs_and_loads(tmp_path, corpus):
     assert all(m.gate.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())
 
 
+def test_a_time_budget_spans_the_schedule(tmp_path, corpus):
+    """`make demo`'s way: --time-budget without --max-steps; the WSD schedule decays over the seconds and the run
+    ends after the budget with its final evaluation."""
+    nanoseek("pretrain", "--run", tmp_path / "run", "--data", corpus, "--time-budget", 4, *TINY,
+             "--eval-every", 0, "--log-every", 1)
+    m = metrics(tmp_path / "run")
+    train = [e for e in m if "loss" in e]
+    step_time = train[-1]["time"] / train[-1]["step"]
+    assert len(train) > 5 and 4 <= train[-1]["time"] < 4 + 3 * step_time  # it stopped once the budget was spent
+    scales = [e["lr_scale"] for e in train]
+    decay = scales[scales.index(1.0):]  # after the warm-up: flat, then down
+    assert decay == sorted(decay, reverse=True) and decay[-1] < 0.3
+    assert "val_bpb" in m[-1] and m[-1]["step"] == train[-1]["step"]
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus):
     """--batch-size 4 --grad-accum 2 trains on the same 8 sequences per step as --batch-size 8: same losses."""
     common = ["--data", corpus, "--max-steps", 4, "--dtype", "fp32", "--eval-every", 0, *TINY]
