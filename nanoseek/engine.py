@@ -493,7 +493,7 @@ class _Sequence:
     prompt_logprobs: PromptLogprobs | None = None
     finish_reason: str | None = None
     outbox: deque[Event] | None = None  # stream()'s: this request's events, whoever ran the step
-    error: BaseException | None = None  # what ended it in a step that failed
+    error: str | None = None  # what ended it in a step that failed
     # speculative decoding: (hidden state at i, token i+1) pairs the MTP module has not seen yet
     mtp_h: torch.Tensor | None = None
     mtp_ids: list[int] = field(default_factory=list)
@@ -683,10 +683,9 @@ class Engine:
                     events += self._speculate(decoding) if self.speculative else self._decode(decoding)
         except BaseException as e:
             for seq in decoding + admitted:
-                seq.finish_reason, seq.error = seq.finish_reason or "error", e
+                seq.finish_reason, seq.error = seq.finish_reason or "error", repr(e)  # (no traceback: no tensors held)
                 self._release(seq)
                 self.sequences.pop(seq.id, None)
-            self._errors = []
             raise
         if self.compile and getattr(self.forward, "compiled", True) is None:  # it failed: do not retry at refolds
             self.compile = False
@@ -944,7 +943,7 @@ class Engine:
                 if ev.finish_reason is not None:
                     return
             if seq.error is not None:  # another caller's step() failed and ended this request too
-                raise RuntimeError(f"generation failed: {seq.error!r}") from seq.error
+                raise RuntimeError(f"generation failed: {seq.error}")
         finally:
             self.abort(rid)  # the caller stopped iterating early: free the slot
 

@@ -135,7 +135,7 @@ class EngineLoop:
             try:
                 events = self.engine.step()
             except Exception as e:  # a bug, not bad input (that is rejected before it reaches the engine)
-                self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+                self._fail(f"the engine failed: {type(e).__name__}: {e}", ended_only=True)
                 continue
             self.stats["steps"] += 1
             self.stats["step_seconds"] += time.perf_counter() - t
@@ -154,7 +154,7 @@ class EngineLoop:
                 deliveries.setdefault(handle.loop, []).append((handle, (handle.request_ids[ev.request_id], ev)))
             for loop, items in deliveries.items():
                 loop.call_soon_threadsafe(_deliver, items)
-        self._fail_all("the server is shutting down")
+        self._fail("the server is shutting down")
 
     def _command(self, kind: str, handle: Handle | None) -> None:
         if kind == "add":
@@ -173,12 +173,15 @@ class EngineLoop:
         elif kind == "stop":
             self.stopped = True
 
-    def _fail_all(self, message: str) -> None:
+    def _fail(self, message: str, ended_only: bool = False) -> None:
+        """Fail the requests: all of them (shutdown), or after a step that raised only those it ended (its running
+        sequences; the engine goes on with the queued ones)."""
         for rid, handle in list(self.handles.items()):
+            if ended_only and rid in self.engine.sequences:
+                continue
             self.engine.abort(rid)
-            handle.loop.call_soon_threadsafe(handle.events.put_nowait,
-                                             (handle.request_ids[rid], RuntimeError(message)))
-        self.handles.clear()
+            del self.handles[rid]
+            handle.loop.call_soon_threadsafe(handle.events.put_nowait, (handle.request_ids[rid], RuntimeError(message)))
 
     def tokens_per_s(self, window: float = 10.0) -> float:
         """Tokens generated per second over the last `window` seconds (0 when idle)."""
@@ -656,16 +659,29 @@ def create_app(server: Server):
         req = await body_of(request, CompletionRequest)
         return await respond(request, req, server.completion_jobs(req), chat=False)
 
+    class ReleasingStream(StreamingResponse):
+        """A streamed answer that releases its request when the response ends, however it ends (also when its
+        body never started: the client left first)."""
+
+        def __init__(self, content, handle: Handle, **kw):
+            super().__init__(content, **kw)
+            self.handle = handle
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                server.loop.release(self.handle)
+
     async def respond(request, req, plan: Plan, chat: bool):
-        jobs = plan.jobs
-        handle = Handle(jobs, asyncio.get_running_loop())
+        handle = Handle(plan.jobs, asyncio.get_running_loop())
         server.loop.submit(handle)
         response = None
         try:
             response = await _respond(request, req, plan, chat, handle)
             return response
         finally:
-            if not isinstance(response, StreamingResponse):  # a stream releases its handle when it ends
+            if not isinstance(response, ReleasingStream):  # (a stream releases its request when it ends)
                 server.loop.release(handle)
 
     async def _respond(request, req, plan: Plan, chat: bool, handle: Handle):
@@ -737,13 +753,6 @@ def create_app(server: Server):
             return f"data: {json.dumps(body)}\n\n"
 
         async def sse():
-            try:
-                async for line in stream():
-                    yield line
-            finally:
-                server.loop.release(handle)
-
-        async def stream():
             if chat:  # the first chunk of each choice names the role
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(len(jobs))])
@@ -770,8 +779,8 @@ def create_app(server: Server):
                 yield chunk([], usage=usage())
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return ReleasingStream(sse(), handle, media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     app.add_middleware(Guard, server=server)
     return app

@@ -202,7 +202,7 @@ class Tokenizer:
                 config = json.loads((f.parent / "tokenizer_config.json").read_text())
             except (ValueError, UnicodeDecodeError) as e:
                 raise UserError(f"cannot read {f.parent / 'tokenizer_config.json'}: {e}") from None
-        if "chat_template" not in config and (f.parent / "chat_template.jinja").exists():  # transformers >= 4.5x
+        if (f.parent / "chat_template.jinja").exists():  # transformers >= 4.5x saves it apart; it takes priority
             config["chat_template"] = (f.parent / "chat_template.jinja").read_text()
         try:
             return cls(HFTokenizer.from_file(str(f)), config)

@@ -67,7 +67,7 @@ def engines_made(monkeypatch) -> list:
     return made
 
 
-def test_generate_compile_gives_the_same_tokens(run_dir, capsys, monkeypatch):
+def test_generate_compile_gives_the_same_tokens(run_dir, capsys, monkeypatch, compiler):
     d, _, _ = run_dir
     eager = json.loads(generate(capsys, d, "The king said", "--json").strip().splitlines()[-1])
     made = engines_made(monkeypatch)
@@ -173,6 +173,7 @@ def test_chat_keeps_room_for_a_reply(run_dir):
     # a reply may be longer than the room kept for it: 256 new tokens asked, 64 kept (REPLY_ROOM), so that a
     # long --max-new-tokens does not drop the whole conversation at every turn
     assert _fit(tok, None, history, full + 64, max_new_tokens=256) == (tok.render_chat(history, True)[0], 0)
+    assert _fit(tok, None, history, full + 63, max_new_tokens=256)[1] == 2
 
 
 def test_generate_refuses_stdin_that_is_not_utf8(run_dir):

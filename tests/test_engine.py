@@ -444,7 +444,7 @@ def test_speculative_sampling_keeps_the_target_distribution(model):
 # --- decode steps through torch.compile (decode.py): each graph compiles once per session (~10-20 s here)
 
 @pytest.mark.parametrize("buckets", [decode.BUCKETS, (1,)])
-def test_compiled_decoding_equals_eager_alone_and_batched(trained, buckets, monkeypatch):
+def test_compiled_decoding_equals_eager_alone_and_batched(trained, buckets, monkeypatch, compiler):
     """One sequence and three: fused-reduction graphs (three padded to the bucket of four), and with buckets
     (1,) three take the GEMM graph."""
     monkeypatch.setattr(decode, "BUCKETS", buckets)
@@ -460,7 +460,7 @@ def test_compiled_decoding_equals_eager_alone_and_batched(trained, buckets, monk
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
-def test_compiled_speculative_decoding_equals_plain_greedy(trained):
+def test_compiled_speculative_decoding_equals_plain_greedy(trained, compiler):
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9]]
     params = SamplingParams(temperature=0, max_new_tokens=30)
     plain = [o.tokens for o in Engine(trained, max_batch=3).generate(prompts, params)]
@@ -471,7 +471,7 @@ def test_compiled_speculative_decoding_equals_plain_greedy(trained):
         assert 0 < engine.stats["accepted"] < engine.stats["drafted"]
 
 
-def test_compiled_graphs_follow_retrained_weights_without_recompiling(trained):
+def test_compiled_graphs_follow_retrained_weights_without_recompiling(trained, compiler):
     m = copy.deepcopy(trained)
     engine = Engine(m, max_batch=1, compile=True)
     engine.generate([[1, 2]], GREEDY)

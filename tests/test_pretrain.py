@@ -59,8 +59,7 @@ def test_a_time_budget_spans_the_schedule(tmp_path, corpus):
              "--eval-every", 0, "--log-every", 1)
     m = metrics(tmp_path / "run")
     train = [e for e in m if "loss" in e]
-    step_time = train[-1]["time"] / train[-1]["step"]
-    assert len(train) > 5 and 4 <= train[-1]["time"] < 4 + 3 * step_time  # it stopped once the budget was spent
+    assert len(train) > 5 and train[-2]["time"] < 4 <= train[-1]["time"]  # it stopped once the budget was spent
     scales = [e["lr_scale"] for e in train]
     decay = scales[scales.index(1.0):]  # after the warm-up: flat, then down
     assert decay == sorted(decay, reverse=True) and decay[-1] < 0.3

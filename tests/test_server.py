@@ -369,6 +369,31 @@ def test_disconnect_mid_stream_frees_the_slot(model_and_tokenizer, long_request)
         assert httpx.post(u + "/v1/completions", json={"prompt": "The", "max_tokens": 3}).status_code == 200
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(model_and_tokenizer, stream):
+    """A forward that raises (say, out of memory) in the engine thread: that request gets a 500 (or an error event
+    in its stream), its sequences are released, and the next request is served."""
+    model, tok = model_and_tokenizer
+    server = Server(model, tok, "tiny", max_batch=2, max_queue=0)
+    hidden, failed = server.engine.forward.hidden, []
+
+    def fails_once(*args):
+        if not failed:
+            failed.append(True)
+            raise MemoryError("out of memory")
+        return hidden(*args)
+    server.engine.forward.hidden = fails_once
+    with serving(server) as u:
+        body = {"prompt": "The", "max_tokens": 3, "stream": stream}
+        r = httpx.post(u + "/v1/completions", json=body)
+        if stream:
+            assert r.status_code == 200 and '"the engine failed: MemoryError: out of memory"' in r.text
+        else:
+            assert r.status_code == 500 and "out of memory" in r.json()["error"]["message"]
+        assert wait_idle(u)["sequences_outstanding"] == 0 and sorted(server.engine.cache.free_slots) == [0, 1]
+        assert httpx.post(u + "/v1/completions", json={**body, "stream": False}).status_code == 200
+
+
 def test_a_non_streaming_client_that_leaves_frees_its_slots(model_and_tokenizer, long_request):
     model, tok = model_and_tokenizer
     server = Server(model, tok, "tiny", max_batch=2, max_queue=0)
@@ -501,7 +526,7 @@ def test_serve_defaults_reach_the_server(tmp_path, model_and_tokenizer, monkeypa
     assert built[1]["engine_kwargs"]["compile"] is False
 
 
-def test_a_compiled_engine_serves_the_same_answers_to_concurrent_clients(model_and_tokenizer):
+def test_a_compiled_engine_serves_the_same_answers_to_concurrent_clients(model_and_tokenizer, compiler):
     """serve's default: decode graphs compiled before listening, then driven from the engine thread at batch
     sizes 1..4 as requests come and go."""
     model, tok = model_and_tokenizer

@@ -90,8 +90,12 @@ def test_a_foreign_tokenizer_takes_its_chat_template_from_chat_template_jinja(tm
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
     ids, _ = Tokenizer.load(tmp_path).render_chat([{"role": "user", "content": "hi"}])
     assert t.decode(ids) == "[user] hi\n"
-    # older transformers keep the template in tokenizer_config.json; it wins over a chat_template.jinja
+    # older transformers keep the template in tokenizer_config.json; a chat_template.jinja takes priority (as in
+    # transformers)
     template = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": template}))
+    ids, _ = Tokenizer.load(tmp_path).render_chat([{"role": "user", "content": "hi"}])
+    assert t.decode(ids) == "[user] hi\n"
+    (tmp_path / "chat_template.jinja").unlink()
     ids, _ = Tokenizer.load(tmp_path).render_chat([{"role": "user", "content": "hi"}])
     assert t.decode(ids) == "<hi>"
