@@ -136,32 +136,29 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b") or _same_losses(tmp_path / "a", tmp_path / "b")
     # Ctrl-C mid-run: the step in flight finishes, the run saves and exits with 130 (as a shell reports a Ctrl-C);
     # resumed, it is the same run
-    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", tmp_path / "c", *map(str, args)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics_path = tmp_path / "c" / "base" / "metrics.jsonl"
-    while not (metrics_path.exists() and metrics_path.read_text()) and p.poll() is None:
-        time.sleep(0.01)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=240)
-    assert p.returncode == 128 + signal.SIGINT and "stopped by SIGINT" in out and "Traceback" not in err, err
+    stop_after_first_log(signal.SIGINT, tmp_path / "c", args)
     stopped_at = max(e["step"] for e in metrics(tmp_path / "c"))
     assert stopped_at < 40
     nanoseek("pretrain", "--run", tmp_path / "c", "--resume", *args)
     assert _same_losses(tmp_path / "a", tmp_path / "c")
 
 
-def test_sigterm_saves_and_exits_143(tmp_path, corpus):
-    """What a cluster scheduler sends: the run stops as on Ctrl-C, with a checkpoint, and exits 128 + 15."""
-    args = ["--run", tmp_path / "run", "--data", corpus, "--max-steps", 400, *TINY]
-    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", *map(str, args)],
+def stop_after_first_log(sig, run, args):
+    """Start `pretrain --run run *args`, send sig once it has logged a step: it must save and exit 128 + sig."""
+    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", run, *map(str, args)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics_path = tmp_path / "run" / "base" / "metrics.jsonl"
+    metrics_path = run / "base" / "metrics.jsonl"
     while not (metrics_path.exists() and metrics_path.read_text()) and p.poll() is None:
         time.sleep(0.01)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     out, err = p.communicate(timeout=240)
-    assert p.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out and "Traceback" not in err, err
-    assert (tmp_path / "run" / "base" / "checkpoint.safetensors").exists()
+    assert p.returncode == 128 + sig and f"stopped by {sig.name}" in out and "Traceback" not in err, err
+    assert (run / "base" / "checkpoint.safetensors").exists()
+
+
+def test_sigterm_saves_and_exits_143(tmp_path, corpus):
+    """What a cluster scheduler sends: the run stops as on Ctrl-C, with a checkpoint, and exits 128 + 15."""
+    stop_after_first_log(signal.SIGTERM, tmp_path / "run", ["--data", corpus, "--max-steps", 400, *TINY])
 
 
 def _same_losses(a, b):
