@@ -322,6 +322,13 @@ def test_a_failing_stop_check_ends_its_request_only(model):
     assert other.tokens == greedy_reference(model, [4, 5], 12)
 
 
+def raising(error: BaseException):
+    """A stand-in for a forward that fails with `error`."""
+    def forward(*args):
+        raise error
+    return forward
+
+
 def test_a_step_that_fails_ends_its_sequences_and_the_engine_serves_on(trained):
     """An exception inside the model's forward (out of memory, an interrupt) after the MTP cache advanced but
     before the main one did: the step's sequences end with their slots freed, a stream driven by another caller
@@ -332,7 +339,7 @@ def test_a_step_that_fails_ends_its_sequences_and_the_engine_serves_on(trained):
     next(stream)  # admitted and prefilled
     other = e.add_request([4, 5], GREEDY)
     real = e.forward.decode
-    e.forward.decode = lambda *a: (_ for _ in ()).throw(MemoryError("out of memory"))
+    e.forward.decode = raising(MemoryError("out of memory"))
     with pytest.raises(MemoryError):
         e.step()  # the MTP module drafted (its cache advanced), the verifying forward failed
     e.forward.decode = real
@@ -343,7 +350,7 @@ def test_a_step_that_fails_ends_its_sequences_and_the_engine_serves_on(trained):
     assert e.generate([[5, 6, 7]], GREEDY)[0].tokens == want
 
     real = e.forward.hidden  # now in a prefill
-    e.forward.hidden = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt())
+    e.forward.hidden = raising(KeyboardInterrupt())
     e.add_request([1, 2], GREEDY)
     with pytest.raises(KeyboardInterrupt):
         e.step()
