@@ -7,6 +7,7 @@ A model directory holds `config.json` (ModelConfig, with "model_type": "nanoseek
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -46,16 +47,25 @@ def atomic_write(path: str | Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
     except (OSError, SafetensorError) as e:  # a full disk, a quota, a read-only file system
         raise CheckpointError(f"could not write {path}: {e}") from None
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make a rename in d durable. Some file systems (FUSE, CIFS, 9p mounts) refuse fsync on a directory: the
+    file is in place all the same, so that is not a failed write."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -156,9 +166,12 @@ def read_training_info(path: str | Path) -> dict:
         raise CheckpointError(f"no checkpoint to resume from at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["info"])
+            info = json.loads(f.metadata()["info"])
     except (OSError, SafetensorError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"cannot read checkpoint {path}: its info is not a JSON object")
+    return info
 
 
 def load_training_state(path: str | Path, model) -> tuple[list[dict], dict]:
@@ -166,13 +179,16 @@ def load_training_state(path: str | Path, model) -> tuple[list[dict], dict]:
     info = read_training_info(path)
     tensors = load_tensors(path)
     load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
-    states = [{"state": {}, "param_groups": g} for g in info.pop("param_groups")]
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, pid, key = k.split(".", 3)
+    try:
+        states = [{"state": {}, "param_groups": g} for g in info.pop("param_groups")]
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, i, pid, key = k.split(".", 3)
+                states[int(i)]["state"].setdefault(int(pid), {})[key] = v
+        for k, v in info.pop("optim_scalars", {}).items():
+            i, pid, key = k.split(".", 2)
             states[int(i)]["state"].setdefault(int(pid), {})[key] = v
-    for k, v in info.pop("optim_scalars", {}).items():
-        i, pid, key = k.split(".", 2)
-        states[int(i)]["state"].setdefault(int(pid), {})[key] = v
-    torch.set_rng_state(tensors["rng.torch"])
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a whole training checkpoint ({type(e).__name__}: {e})") from None
     return states, info

@@ -264,10 +264,14 @@ def prepare(sources: list[str], tokenizer, out_dir: str | Path, val_fraction: fl
 
 
 def _write_shard(path: Path, tokenizer, docs: Iterator[str], split: str, min_tokens: int) -> dict:
-    """A split's documents, tokenized as they are read, written (atomically) to path; its counts for meta.json."""
+    """A split's documents, tokenized as they are read, written (atomically) to path; its counts and the hash of its
+    tokens (a checkpoint's data position is only valid on the same tokens) for meta.json."""
+    import hashlib
+
     from nanoseek.checkpoint import atomic_write
 
     counts = {"tokens": 0, "dtype": np.dtype(shard_dtype(tokenizer)).name, "chars": 0, "bytes": 0}
+    sha = hashlib.sha256()
 
     def counted():
         for d in docs:
@@ -279,13 +283,14 @@ def _write_shard(path: Path, tokenizer, docs: Iterator[str], split: str, min_tok
         with open(tmp, "wb") as f:
             for ids in encode_stream(tokenizer, counted()):
                 ids.tofile(f)
+                sha.update(ids.tobytes())
                 counts["tokens"] += len(ids)
         if counts["tokens"] <= min_tokens:
             raise UserError(f"the corpus' {split} split has {counts['tokens']} tokens, fewer than one training "
                             f"sequence ({min_tokens + 1} needed): give more text or a shorter --seq-len")
 
     atomic_write(path, write)
-    return counts
+    return {**counts, "sha256": sha.hexdigest()[:16]}
 
 
 def corpus_files(sources: list[str]) -> list[list]:

@@ -149,8 +149,9 @@ def train(args):
     if args.seq_len < 2 or args.batch_size < 1 or args.grad_accum < 1 or args.log_every < 1:
         raise UserError("--seq-len must be >= 2, --batch-size, --grad-accum and --log-every >= 1")
     if (args.max_steps or 0) < 0 or not math.isfinite(args.time_budget or 0) or (args.time_budget or 0) < 0 \
-            or min(args.eval_every, args.save_every) < 0:
-        raise UserError("--max-steps, --time-budget, --eval-every and --save-every must be numbers >= 0")
+            or min(args.eval_every, args.save_every, args.eval_tokens) < 0:
+        raise UserError("--max-steps, --time-budget, --eval-every, --save-every and --eval-tokens must be numbers "
+                        ">= 0")
     if not (0 <= args.warmup <= 1 and 0 <= args.decay <= 1 and 0 <= args.min_lr_ratio <= 1):
         raise UserError("--warmup, --decay and --min-lr-ratio are fractions: give values from 0 to 1")
     if not (0 < args.lr <= 10 and (args.muon_lr is None or 0 < args.muon_lr <= 10) and args.weight_decay >= 0
@@ -209,6 +210,10 @@ def train(args):
         if info.get("tokenizer_sha") != tokenizer_fingerprint(tok):
             raise CheckpointError(f"the tokenizer in {run_dir / 'tokenizer'} is not the one {ckpt_path} was "
                                   "trained with")
+        if info.get("data_sha") not in (None, meta["train"].get("sha256")):
+            raise UserError(f"--resume: the training tokens are not those {ckpt_path} was trained on (a corpus file "
+                            "changed), so its data position would mean other text: restore the corpus, or start "
+                            "again with --overwrite")
         try:
             opt.load_state_dict(states)
             loader.load_state_dict(info["loader"])
@@ -221,9 +226,6 @@ def train(args):
     evaluated = set()  # steps whose val evaluation metrics.jsonl holds (a resumed finished run: not again)
     if d.main:
         evaluated = _truncate_metrics(metrics_path, step)
-        if not args.resume:
-            ckpt_path.unlink(missing_ok=True)  # --overwrite: the old run's state belongs to another model
-            save_model(model, stage)  # config.json now: a crash before the first checkpoint still leaves one
     train_model = parallel.wrap(torch.compile(model) if args.compile else model, d)
 
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * d.world
@@ -254,7 +256,8 @@ def train(args):
     def save() -> None:
         if d.main:
             info = {"step": step, "train_time": train_time, "tokens": tokens_seen, "loader": loader.state_dict(),
-                    "world": d.world, "tokenizer_sha": tokenizer_fingerprint(tok), "args": _jsonable(vars(args))}
+                    "world": d.world, "tokenizer_sha": tokenizer_fingerprint(tok),
+                    "data_sha": meta["train"].get("sha256"), "args": _jsonable(vars(args))}
             try:
                 save_training_state(ckpt_path, model, opt.state_dict(), info)
                 save_model(model, stage)
@@ -262,21 +265,27 @@ def train(args):
                 raise UserError(f"{e}; the previous checkpoint in {stage} is intact") from None
         parallel.barrier(d)
 
+    if not args.resume:  # a run killed before its first periodic checkpoint resumes from step 0 (make demo does)
+        save()
+
     def record(entry: dict) -> None:
         if d.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
     history = []
-    stop = {"signal": None}
+    stop = {"signal": None, "at": 0.0}
 
     def on_signal(signum, _frame):
         """The first SIGINT/SIGTERM lets the current step finish, then the run saves and stops; a second one
-        stops at once, without saving (the last checkpoint stays)."""
+        stops at once, without saving (the last checkpoint stays). A repeat within a second is the same request:
+        torchrun passes the terminal's Ctrl-C on to workers that already had it, as Slurm does a SIGTERM."""
         if stop["signal"] is not None:
+            if time.monotonic() - stop["at"] < 1.0:
+                return
             raise UserError(f"stopped by a second {signal.Signals(signum).name} before saving; the last checkpoint "
                             f"in {stage} is kept")
-        stop["signal"] = signum
+        stop["signal"], stop["at"] = signum, time.monotonic()
         log(f"{signal.Signals(signum).name}: finishing step {step + 1}, then saving (again to stop without saving)")
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -315,7 +324,7 @@ def train(args):
             # after the same step when any rank was signalled
             dt, stopping = parallel.max_over_ranks([time.perf_counter() - t0, stop["signal"] is not None], d)
             if stopping and stop["signal"] is None:
-                stop["signal"] = signal.SIGTERM  # another rank was signalled
+                stop["signal"], stop["at"] = signal.SIGTERM, time.monotonic()  # another rank was signalled
             train_time += dt
             window_time += dt
             window_tokens += tokens_per_step
@@ -342,6 +351,8 @@ def train(args):
                 save()
         save()
     finally:
+        if stop["signal"] is not None:  # a repeat may still be on its way: the default handler would kill us
+            time.sleep(max(0.0, stop["at"] + 1.0 - time.monotonic()))
         for s, h in handlers.items():
             signal.signal(s, h)
     if stop["signal"]:

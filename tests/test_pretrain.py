@@ -1,15 +1,21 @@
 """End-to-end pretraining through the CLI: progress, metrics, exact resume after SIGKILL, bad input."""
 
+import errno
 import json
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
 
 import pytest
 from helpers import corpus_text
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from nanoseek.checkpoint import CheckpointError, atomic_write_text
 
 TINY = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "320", "--log-every", "2",
         "--eval-every", "10", "--threads", "1"]
@@ -120,20 +126,14 @@ def test_learning_rate_schedules():
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
     args = ["--data", corpus, "--max-steps", 40, "--save-every", 10, *TINY]
     nanoseek("pretrain", "--run", tmp_path / "a", *args)
-    # same run, killed with SIGKILL right after its first checkpoint, then resumed
-    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", tmp_path / "b", *map(str, args)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "b" / "base" / "checkpoint.safetensors"
-    deadline = time.time() + 240
-    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert p.returncode == -signal.SIGKILL
-    killed_at = max(e["step"] for e in metrics(tmp_path / "b"))
-    assert killed_at < 40
+    # same run, killed with SIGKILL right after its first periodic checkpoint's step, then resumed
+    sigkill_after(10, tmp_path / "b", args)
     nanoseek("pretrain", "--run", tmp_path / "b", "--resume", *args)
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b") or _same_losses(tmp_path / "a", tmp_path / "b")
+    # killed before any periodic checkpoint: it resumes from the one written at step 0, as `make demo` does
+    sigkill_after(2, tmp_path / "d", args)
+    nanoseek("pretrain", "--run", tmp_path / "d", "--resume", *args)
+    assert _same_losses(tmp_path / "a", tmp_path / "d")
     # Ctrl-C mid-run: the step in flight finishes, the run saves and exits with 130 (as a shell reports a Ctrl-C);
     # resumed, it is the same run
     stop_after_first_log(signal.SIGINT, tmp_path / "c", args)
@@ -143,22 +143,45 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
     assert _same_losses(tmp_path / "a", tmp_path / "c")
 
 
-def stop_after_first_log(sig, run, args):
-    """Start `pretrain --run run *args`, send sig once it has logged a step: it must save and exit 128 + sig."""
+def sigkill_after(step, run, args):
+    """Start `pretrain --run run *args` and SIGKILL it once it has logged `step`."""
+    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", run, *map(str, args)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics_path = run / "base" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while p.poll() is None and time.time() < deadline:
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        if any(line.endswith("}") and json.loads(line)["step"] >= step for line in lines):
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert max(e["step"] for e in metrics(run)) < 40
+
+
+def stop_after_first_log(sig, run, args, twice=False):
+    """Start `pretrain --run run *args`, send sig (twice: again 50 ms later) once it has logged a step: it must save
+    and exit 128 + sig."""
     p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", run, *map(str, args)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics_path = run / "base" / "metrics.jsonl"
     while not (metrics_path.exists() and metrics_path.read_text()) and p.poll() is None:
         time.sleep(0.01)
     p.send_signal(sig)
+    if twice:
+        time.sleep(0.05)
+        p.send_signal(sig)
     out, err = p.communicate(timeout=240)
     assert p.returncode == 128 + sig and f"stopped by {sig.name}" in out and "Traceback" not in err, err
     assert (run / "base" / "checkpoint.safetensors").exists()
 
 
 def test_sigterm_saves_and_exits_143(tmp_path, corpus):
-    """What a cluster scheduler sends: the run stops as on Ctrl-C, with a checkpoint, and exits 128 + 15."""
-    stop_after_first_log(signal.SIGTERM, tmp_path / "run", ["--data", corpus, "--max-steps", 400, *TINY])
+    """What a cluster scheduler sends: the run stops as on Ctrl-C, with a checkpoint, and exits 128 + 15. Slurm
+    signals every process of the job, and torchrun passes the signal on to its workers again: a repeat at once is
+    the same request, not a second one that would stop without saving."""
+    stop_after_first_log(signal.SIGTERM, tmp_path / "run", ["--data", corpus, "--max-steps", 400, *TINY], twice=True)
 
 
 def _same_losses(a, b):
@@ -226,6 +249,42 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     (run / "base" / "metrics.jsonl").open("a").write('{"step": 9, "loss": 1.')  # a line cut short by a crash
     nanoseek("pretrain", "--run", run, "--data", corpus, "--max-steps", 2, "--overwrite", *TINY)
     assert [e["step"] for e in metrics(run) if "loss" in e] == [2]
+    # a corpus file that changed after the checkpoint: its data position would mean other text
+    own = tmp_path / "own.txt"
+    own.write_text(corpus_text())
+    nanoseek("pretrain", "--run", tmp_path / "grow", "--data", own, "--max-steps", 2, *TINY)
+    with own.open("a") as f:
+        f.write(corpus_text(100, seed=1))
+    fails("--run", tmp_path / "grow", "--data", own, "--max-steps", 4, "--resume", *TINY, match="training tokens")
+    own.write_text(corpus_text())  # back as it was (a new mtime): tokenized again to the same tokens, resumed
+    nanoseek("pretrain", "--run", tmp_path / "grow", "--data", own, "--max-steps", 4, "--resume", *TINY)
+    # a checkpoint that is not a whole one (another program's, a damaged one): one line, not a traceback
+    ckpt = run / "base" / "checkpoint.safetensors"
+    with safe_open(str(ckpt), "pt") as f:
+        info = json.loads(f.metadata()["info"])
+    tensors = load_file(str(ckpt))
+    for bad, match in (([], "not a JSON object"), ({**info, "param_groups": None}, "not a whole training checkpoint"),
+                       ({k: v for k, v in info.items() if k != "param_groups"}, "not a whole training checkpoint")):
+        save_file(tensors, str(ckpt), metadata={"info": json.dumps(bad)})
+        fails("--run", run, "--data", corpus, "--max-steps", 4, "--resume", *TINY, match=match)
+
+
+def test_a_directory_that_refuses_fsync_still_gets_its_file(tmp_path, monkeypatch):
+    """FUSE, CIFS and 9p mounts refuse fsync on a directory (EINVAL): the renamed file is in place, so the write
+    succeeded. A real I/O error there still fails it."""
+    real_fsync = os.fsync
+
+    def fsync(fd, error=errno.EINVAL):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(error, os.strerror(error))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").read_text() == "{}"
+    monkeypatch.setattr(os, "fsync", lambda fd: fsync(fd, errno.EIO))
+    with pytest.raises(CheckpointError, match="could not write"):
+        atomic_write_text(tmp_path / "b.json", "{}")
 
 
 def test_resume_takes_this_runs_learning_rate():
