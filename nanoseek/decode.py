@@ -238,8 +238,11 @@ _GRAPHS: dict = {}  # compiled once per process: refolded weights (new tensors, 
 
 def _graph(fn, small: bool):
     if (fn, small) not in _GRAPHS:
-        # one graph per bucket and weight dtype: more than dynamo's default limit of 8 per function
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        # one graph per bucket and weight dtype: more than dynamo's default limit of 8 per function (named
+        # cache_size_limit before torch 2.7)
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 32))
         _GRAPHS[fn, small] = torch.compile(_STEPS[fn, small], dynamic=False, fullgraph=True)
     return _GRAPHS[fn, small]
 

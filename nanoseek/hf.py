@@ -181,8 +181,8 @@ def export(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = to_hf_state(model)
-    bias = re.compile(r".*e_score_correction_bias")  # stays fp32, as transformers keeps it
-    state = {k: v if bias.fullmatch(k) else v.to(dtype) for k, v in state.items()}
+    bias = re.compile(r".*e_score_correction_bias")  # fp32 whatever the model's dtype, as transformers keeps it
+    state = {k: v.float() if bias.fullmatch(k) else v.to(dtype) for k, v in state.items()}
     save_tensors(out / "model.safetensors", state, metadata={"format": "pt"})
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     gen = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -21,18 +21,21 @@ CONFIGS = {
     "shared3+all_moe": dict(n_shared_experts=3, first_k_dense_replace=0, num_experts_per_tok=3, n_group=1,
                             topk_group=1, norm_topk_prob=False),
     "tied+3layers": dict(tie_word_embeddings=True, num_hidden_layers=3, num_nextn_predict_layers=2),
-    "no_mtp+dense_first2": dict(num_nextn_predict_layers=0, first_k_dense_replace=2, num_hidden_layers=3),
+    "no_mtp+dense_first2+eps+theta": dict(num_nextn_predict_layers=0, first_k_dense_replace=2, num_hidden_layers=3,
+                                          rms_norm_eps=1e-2, rope_theta=500.0),
 }
 
 
 def random_model(**overrides):
     model = NanoSeek(preset("tiny", **overrides)).eval()
-    with torch.no_grad():  # make every weight matter: non-trivial norms and expert biases
-        for name, p in model.named_parameters():
+    with torch.no_grad():  # make every weight matter: non-trivial norms and expert biases, and attention scores of
+        for name, p in model.named_parameters():  # order 1 (at init they are ~0: position and scale barely count)
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if name.endswith(("q_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight")):
+                p.mul_(10)
         for m in model.moe_layers():
-            m.gate.e_score_correction_bias.normal_(0, 0.05)
+            m.gate.e_score_correction_bias.normal_(-0.6, 0.3)  # biased scores below 0 too (group masking)
     return model
 
 
@@ -132,3 +135,66 @@ def test_dense_baseline_refuses_export(tmp_path):
     with pytest.raises(ConfigError, match="mha"):
         export(NanoSeek(preset("dense", vocab_size=64, hidden_size=32, num_hidden_layers=1)), tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_cli_export_and_import_carry_the_tokenizer_and_the_dtype(tmp_path):
+    """`nanoseek export RUN --dtype bfloat16` then `nanoseek import`: transformers' Auto classes load the export
+    (its tokenizer encodes as ours), the weights are bf16 with the expert biases kept fp32, and the import brings
+    the tokenizer back."""
+    from helpers import corpus_text
+    from safetensors import safe_open
+
+    from nanoseek.tokenizer import train_tokenizer
+
+    model = random_model().to(torch.bfloat16)  # an API user's bf16 model: its biases must still export as fp32
+    save_model(model, tmp_path / "run" / "base")
+    tok = train_tokenizer(iter([corpus_text()]), vocab_size=512)
+    tok.save(tmp_path / "run" / "tokenizer")
+    for verb, src, out, extra in (("export", "run", "hf", ["--dtype", "bfloat16"]), ("import", "hf", "back", [])):
+        r = subprocess.run([sys.executable, "-m", "nanoseek", verb, str(tmp_path / src), "--out", str(tmp_path / out),
+                            *extra], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {d for k, d in dtypes.items() if "e_score_correction_bias" in k} == {"F32"}
+    assert {d for k, d in dtypes.items() if "e_score_correction_bias" not in k} == {"BF16"}
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    text = "The king said: good night, 12 + 7 = 19 ünï"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == tok.encode(text)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    back, back_tok = nanoseek.load(tmp_path / "back")
+    assert back_tok is not None and back_tok.encode(text) == tok.encode(text)
+    assert all(torch.equal(a.float(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert (ref(ids).logits - back(ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"rope_scaling": {"type": "yarn", "factor": 40.0}}, "rope_type='yarn'"),  # DeepSeek-V3's own config.json
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0}}, "rope_type='yarn'"),
+    ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ({"rope_interleave": False}, "rope_interleave=False"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+])
+def test_configs_nanoseek_would_compute_differently_are_refused(tmp_path, change, match):
+    export(random_model(), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if "rope_scaling" in change:  # the older spelling alone
+        cfg.pop("rope_parameters")
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(CheckpointError, match=match):
+        import_dir(tmp_path)
+
+
+def test_tensors_the_config_has_no_place_for_are_refused(tmp_path):
+    """E.g. an FP8 checkpoint's weight_scale_inv: ignored, the weights would be read unscaled."""
+    from safetensors.torch import load_file, save_file
+
+    export(random_model(), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.mlp.down_proj.weight_scale_inv"):
+        import_dir(tmp_path)
