@@ -40,4 +40,15 @@ def test_bad_override_is_one_line_error():
 
 def test_missing_path_is_one_line_error(tmp_path):
     r = run("export", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
-    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "does not exist" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_info_of_a_saved_model(tmp_path, capsys):
+    from nanoseek.checkpoint import save_model
+    from nanoseek.config import preset
+    from nanoseek.model import NanoSeek
+
+    save_model(NanoSeek(preset("tiny", num_hidden_layers=3)), tmp_path / "run" / "base")
+    assert main(["info", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert '"num_hidden_layers": 3' in out and "parameters:" in out

@@ -131,6 +131,11 @@ def test_prepare_counts_bytes_and_rejects_tiny_corpora(tmp_path, tok):
     assert val.dtype == np.uint16 and len(val) == meta["val"]["tokens"]
     assert tok.decode(val[1:].tolist()).endswith("ünïcödé\n")  # val keeps the tail, after its <|bos|>
     assert meta["val"]["bytes"] == meta["val"]["chars"] + 4
+    # train is the rest, with nothing of val in it: the two shards decode back to the text, in order
+    train = load_tokens(tmp_path / "data", "train")
+    assert train[0] == val[0] == tok.bos_id and tok.bos_id not in train[1:] and tok.bos_id not in val[1:]
+    assert tok.decode(train[1:].tolist()) + tok.decode(val[1:].tolist()) == (tmp_path / "c.txt").read_text()
+    assert meta["train"]["chars"] + meta["val"]["chars"] == len((tmp_path / "c.txt").read_text())
     (tmp_path / "small.txt").write_text("too small")
     with pytest.raises(UserError, match="fewer than one training sequence"):
         prepare([str(tmp_path / "small.txt")], tok, tmp_path / "d2", 0.1, min_tokens=65)
@@ -147,6 +152,24 @@ def test_loader_resumes_at_the_exact_position():
         (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
         assert (xa == xb).all() and (ya == yb).all()
         assert (ya[:, :-1] == xa[:, 1:]).all()
+
+
+def test_loader_windows_are_whole_and_inside_the_stream():
+    """Over many epochs (each its own random offset): every window has S+1 tokens, and an epoch visits each of its
+    windows once."""
+    tokens = np.arange(2 * 64 * 7 + 3, dtype=np.uint16)
+    loader = TokenLoader(tokens, batch_size=1, seq_len=64, seed=5)
+    for epoch in range(200):
+        loader.epoch = epoch
+        starts = loader._epoch_order()
+        assert len(set(starts.tolist())) == len(starts) >= 12 and starts.min() >= 0
+        assert starts.max() + 64 + 1 <= len(tokens) and len({s % 64 for s in starts.tolist()}) == 1
+    loader.epoch, seen = 0, 0
+    while loader.epoch < 3:
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (1, 64) and (y[0] - x[0] == 1).all()
+        seen += 1
+    assert seen >= 36
 
 
 def test_ranks_split_the_global_batch():
@@ -189,4 +212,10 @@ def test_prepared_data_is_remade_when_the_corpus_changes(tmp_path, tok, monkeypa
     assert ensure_data(args, tmp_path, tok, 8)["train"]["chars"] != first["train"]["chars"]
     args.text_field = "text"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows * 2))  # the file grew
-    assert ensure_data(args, tmp_path, tok, 8)["train"]["chars"] > first["train"]["chars"]
+    grown = ensure_data(args, tmp_path, tok, 8)
+    assert grown["train"]["chars"] > first["train"]["chars"] and grown["train"]["sha256"] != first["train"]["sha256"]
+    args.val_fraction = 0.2
+    assert ensure_data(args, tmp_path, tok, 8)["val"]["chars"] > grown["val"]["chars"]
+    other = train_tokenizer(iter([corpus_text(seed=1)]), vocab_size=290)  # e.g. after `nanoseek tokenizer --force`
+    remade = ensure_data(args, tmp_path, other, 8)
+    assert remade["vocab_size"] == 290 and load_tokens(tmp_path / "data", "train").max() < 290

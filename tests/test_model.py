@@ -112,11 +112,21 @@ def test_bias_update_moves_load_towards_balance():
 
 
 def test_mtp_loss_finite_and_reaches_mtp_weights():
-    model = NanoSeek(preset("tiny", num_nextn_predict_layers=2, aux_loss_alpha=1e-4)).train()
+    model = NanoSeek(preset("tiny", num_nextn_predict_layers=2, aux_loss_alpha=1e-4, mtp_loss_weight=0.5)).train()
     ids = torch.randint(0, 512, (2, 32))
-    out = model(ids[:, :-1], ids[:, 1:])
+    x, y = ids[:, :-1], ids[:, 1:]
+    out = model(x, y)
     assert torch.isfinite(out.loss) and torch.isfinite(out.mtp_loss) and out.aux_loss > 0
-    torch.testing.assert_close(out.loss, out.lm_loss + 0.3 * out.mtp_loss + out.aux_loss)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.mtp_loss + out.aux_loss)
+    # the mean over depths of each module's cross-entropy: module k (depth d = k+1) reads token i+d with the previous
+    # depth's state at i and predicts token i+d+1
+    S, losses, h = x.shape[1], [], model.hidden(x)
+    for k in range(2):
+        d = k + 1
+        h = model.mtp_hidden(k, h[:, : S - d], x[:, d:], torch.arange(S - d).expand(2, S - d))
+        logits = model.lm_head(model.mtp[k].norm(h))
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[:, d:].flatten()))
+    torch.testing.assert_close(out.mtp_loss, sum(losses) / 2)
     out.loss.backward()
     for k in range(2):
         for name in ("eh_proj.weight", "enorm.weight", "block.self_attn.kv_b_proj.weight"):
@@ -151,6 +161,56 @@ def test_bf16_autocast_forward_close_to_fp32():
             assert model.moe_layers()[0].gate(torch.randn(3, 64))[0].dtype == torch.float32  # router stays fp32
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
     assert torch.nn.functional.cosine_similarity(low.float().flatten(), ref.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_is_scaled_masked_softmax(dtype):
+    """Both of attention()'s paths (bf16 on CPU: two matmuls; else SDPA with padded head dims) against the formula
+    in fp32, on q and k of unit size: at init the scores are ~0, and a lost scale or mask would hardly show."""
+    from nanoseek.model import attention
+
+    q, k, v = torch.randn(2, 4, 12, 24), torch.randn(2, 4, 12, 24), torch.randn(2, 4, 12, 16)
+    scale = 24 ** -0.5
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    padded = causal.clone()
+    padded[:, :3] = False  # e.g. a shorter sequence's left padding in a batch
+    padded[:3, :3] = torch.eye(3, dtype=torch.bool)
+    for mask in (None, padded[None, None].expand(2, 1, 12, 12)):
+        allowed = causal if mask is None else mask
+        want = ((q @ k.mT) * scale).masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+        got = attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale).float()
+        torch.testing.assert_close(got, want, atol=3e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+
+
+def peaked(model):
+    """Attention scores of order 1 (at init they are ~0, and position or causality would hardly show)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "q_b_proj.weight", "k_proj.weight", "kv_a_proj_with_mqa.weight")):
+                p.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny", "dense"])
+def test_attention_is_causal_and_sees_only_relative_positions(name):
+    """The logits before a changed token do not move (causality), and shifting every position by the same amount
+    changes nothing (RoPE on both q and k rotates by relative position only)."""
+    model = peaked(NanoSeek(preset(name, vocab_size=512)).eval())
+    ids = torch.randint(0, 512, (2, 24))
+    pos = torch.arange(24).expand(2, 24)
+    with torch.no_grad():
+        base = model(ids, positions=pos)
+        other = ids.clone()
+        other[:, 15] = (other[:, 15] + 1) % 512
+        changed = model(other, positions=pos)
+        shifted = model(ids, positions=pos + 37)
+        without_rope = model.rope  # a model that ignored positions would pass the shift: they must matter
+        model.rope = lambda p: without_rope(torch.zeros_like(p))
+        unrotated = model(ids, positions=pos)
+    torch.testing.assert_close(changed[:, :15], base[:, :15], atol=1e-5, rtol=0)
+    assert (changed[:, 15:] - base[:, 15:]).abs().max() > 1e-2
+    torch.testing.assert_close(shifted, base, atol=1e-4, rtol=0)
+    assert (unrotated - base).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("name", ["tiny", "dense"])

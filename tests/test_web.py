@@ -102,6 +102,7 @@ def test_stop_button_cancels_the_generation(page, model_and_tokenizer):
     # 109 tokens, ~5 s at 0.05 s a step, slow enough to press Stop mid-stream
     server.engine.step = lambda: (time.sleep(0.05), step())[1]
     with serving(server) as url:
+        bodies = sent_messages(page)
         page.goto(url)
         settings(page, max_tokens=200, temperature=0)
         send(page, "Tell me a long story")
@@ -116,6 +117,13 @@ def test_stop_button_cancels_the_generation(page, model_and_tokenizer):
             time.sleep(0.05)
         assert sum(1 for _ in server.engine.cache.free_slots) == 2
         sync_api.expect(page.locator("#send")).to_be_enabled()
+        # the conversation goes on with the part of the answer that was shown
+        shown = page.locator(".answer").first.text_content()
+        settings(page, max_tokens=2)
+        send(page, "Go on")
+        sync_api.expect(page.locator(".msg.assistant .meta").nth(1)).to_contain_text("tokens", timeout=20_000)
+        assert bodies[1] == [{"role": "user", "content": "Tell me a long story"},
+                             {"role": "assistant", "content": shown}, {"role": "user", "content": "Go on"}]
 
 
 def sent_messages(page) -> list:
@@ -178,3 +186,32 @@ def test_new_chat_during_an_answer_starts_clean(page, model_and_tokenizer):
         send(page, "fresh start")
         sync_api.expect(page.locator(".msg.assistant .meta")).to_contain_text("tokens", timeout=20_000)
         assert bodies[-1] == [{"role": "user", "content": "fresh start"}]
+
+
+def test_the_settings_reach_the_request(page, model_and_tokenizer):
+    """System prompt, temperature, top-p and seed as set; an empty "Max tokens" sends null (the server then allows
+    what the context leaves), not a number of the page's own."""
+    model, tok = model_and_tokenizer
+    requests = []
+
+    def reply(route):
+        requests.append(route.request.post_data_json)
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=(
+            "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
+                                   "choices": [{"index": 0, "delta": {"content": "Aye."}, "finish_reason": "stop"}]})
+            + "\n\ndata: [DONE]\n\n"))
+
+    with serving(Server(model, tok, "tiny", max_batch=2)) as url:
+        page.route("**/v1/chat/completions", reply)
+        page.goto(url)
+        settings(page, system="Answer briefly.", temperature=0.3, top_p=0.9, seed=7)
+        send(page, "Hello")
+        sync_api.expect(page.locator(".answer")).to_have_text("Aye.")
+        send(page, "Again")
+        sync_api.expect(page.locator(".answer").nth(1)).to_have_text("Aye.")
+    first, second = requests
+    assert {k: first[k] for k in ("temperature", "top_p", "seed", "max_tokens", "stream")} == {
+        "temperature": 0.3, "top_p": 0.9, "seed": 7, "max_tokens": None, "stream": True}
+    assert first["messages"] == [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello"}]
+    assert second["messages"] == first["messages"] + [{"role": "assistant", "content": "Aye."},
+                                                      {"role": "user", "content": "Again"}]
