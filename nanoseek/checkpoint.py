@@ -169,8 +169,9 @@ def read_training_info(path: str | Path) -> dict:
             info = json.loads(f.metadata()["info"])
     except (OSError, SafetensorError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    if not isinstance(info, dict):
-        raise CheckpointError(f"cannot read checkpoint {path}: its info is not a JSON object")
+    kinds = {"step": int, "train_time": (int, float), "tokens": int, "loader": dict, "args": dict}
+    if not isinstance(info, dict) or any(k in info and not isinstance(info[k], t) for k, t in kinds.items()):
+        raise CheckpointError(f"cannot read checkpoint {path}: its info is not a training checkpoint's")
     return info
 
 

@@ -191,6 +191,13 @@ def train(args):
     if not d.main:
         tok = Tokenizer.load(run_dir / "tokenizer")
         meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    if args.resume and info.get("tokenizer_sha") != tokenizer_fingerprint(tok):
+        raise CheckpointError(f"the tokenizer in {run_dir / 'tokenizer'} is not the one {ckpt_path} was trained "
+                              "with")
+    if args.resume and info.get("data_sha") not in (None, meta["train"].get("sha256")):
+        raise UserError(f"--resume: the training tokens are not those {ckpt_path} was trained on (a corpus file "
+                        "changed), so its data position would mean other text: restore the corpus, or start again "
+                        "with --overwrite")
     if not args.resume:  # the model's vocabulary is the tokenizer's
         cfg = cfg.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                           pad_token_id=tok.pad_id)
@@ -207,18 +214,12 @@ def train(args):
     step, train_time, tokens_seen = 0, 0.0, 0
     if args.resume:
         states, info = load_training_state(ckpt_path, model)
-        if info.get("tokenizer_sha") != tokenizer_fingerprint(tok):
-            raise CheckpointError(f"the tokenizer in {run_dir / 'tokenizer'} is not the one {ckpt_path} was "
-                                  "trained with")
-        if info.get("data_sha") not in (None, meta["train"].get("sha256")):
-            raise UserError(f"--resume: the training tokens are not those {ckpt_path} was trained on (a corpus file "
-                            "changed), so its data position would mean other text: restore the corpus, or start "
-                            "again with --overwrite")
         try:
             opt.load_state_dict(states)
             loader.load_state_dict(info["loader"])
             step, train_time, tokens_seen = info["step"], info["train_time"], info["tokens"]
-        except (KeyError, ValueError) as e:  # another version's layout, a changed optimizer grouping
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            # another version's layout, a changed optimizer grouping, a damaged checkpoint
             raise CheckpointError(f"{ckpt_path} does not fit this model and optimizer ({type(e).__name__}: "
                                   f"{e})") from None
     stage.mkdir(parents=True, exist_ok=True)
@@ -226,6 +227,9 @@ def train(args):
     evaluated = set()  # steps whose val evaluation metrics.jsonl holds (a resumed finished run: not again)
     if d.main:
         evaluated = _truncate_metrics(metrics_path, step)
+        if not args.resume:  # config.json before the first checkpoint: a checkpoint always has its config
+            ckpt_path.unlink(missing_ok=True)  # --overwrite: the old run's state belongs to another model
+            save_model(model, stage)
     train_model = parallel.wrap(torch.compile(model) if args.compile else model, d)
 
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * d.world
@@ -278,10 +282,11 @@ def train(args):
 
     def on_signal(signum, _frame):
         """The first SIGINT/SIGTERM lets the current step finish, then the run saves and stops; a second one
-        stops at once, without saving (the last checkpoint stays). A repeat within a second is the same request:
-        torchrun passes the terminal's Ctrl-C on to workers that already had it, as Slurm does a SIGTERM."""
+        stops at once, without saving (the last checkpoint stays). A repeat within REPEAT_WINDOW is the same
+        request: torchrun passes the terminal's Ctrl-C on to workers that already had it, as Slurm does a SIGTERM.
+        (The window runs from when Python handles the first one, which a long native call can delay.)"""
         if stop["signal"] is not None:
-            if time.monotonic() - stop["at"] < 1.0:
+            if time.monotonic() - stop["at"] < REPEAT_WINDOW:
                 return
             raise UserError(f"stopped by a second {signal.Signals(signum).name} before saving; the last checkpoint "
                             f"in {stage} is kept")
@@ -352,7 +357,7 @@ def train(args):
         save()
     finally:
         if stop["signal"] is not None:  # a repeat may still be on its way: the default handler would kill us
-            time.sleep(max(0.0, stop["at"] + 1.0 - time.monotonic()))
+            time.sleep(max(0.0, stop["at"] + REPEAT_WINDOW - time.monotonic()))
         for s, h in handlers.items():
             signal.signal(s, h)
     if stop["signal"]:
@@ -368,6 +373,9 @@ def train(args):
     parallel.shutdown(d)
     return model, {"step": step, "train_time": train_time, "tokens": tokens_seen, "evals": history, **r}
 
+
+REPEAT_WINDOW = 2.0
+"""Seconds after a first SIGINT/SIGTERM during which the same signal again is taken as a duplicate."""
 
 RESUME_FIXED = ("data", "text_field", "val_fraction", "seq_len", "batch_size", "grad_accum", "optimizer")
 """Arguments a resumed run must keep: they define the data and the meaning of the saved data position, or the

@@ -13,3 +13,15 @@ def corpus_text(n_lines: int = 1500, seed: int = 0) -> str:
         words = rng.choices(WORDS, k=rng.randint(4, 12))
         lines.append(" ".join(words).capitalize() + rng.choice([".", "!", "?", ","]))
     return "\n".join(lines) + "\n"
+
+
+def peak_attention(model):
+    """Scale the attention input projections up so that the scores are of order 1: at init they are ~0, and
+    position, causality or the softmax scale would hardly show in the outputs. Returns the model."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "q_b_proj.weight", "k_proj.weight", "kv_a_proj_with_mqa.weight")):
+                p.mul_(10)
+    return model

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from helpers import peak_attention
 
 import nanoseek
 from nanoseek.checkpoint import CheckpointError, save_model
@@ -28,12 +29,11 @@ CONFIGS = {
 
 def random_model(**overrides):
     model = NanoSeek(preset("tiny", **overrides)).eval()
-    with torch.no_grad():  # make every weight matter: non-trivial norms and expert biases, and attention scores of
-        for name, p in model.named_parameters():  # order 1 (at init they are ~0: position and scale barely count)
+    peak_attention(model)
+    with torch.no_grad():  # make every weight matter: non-trivial norms and expert biases
+        for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-            if name.endswith(("q_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight")):
-                p.mul_(10)
         for m in model.moe_layers():
             m.gate.e_score_correction_bias.normal_(-0.6, 0.3)  # biased scores below 0 too (group masking)
     return model

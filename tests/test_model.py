@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import peak_attention
 
 from nanoseek.config import ConfigError, ModelConfig, preset
 from nanoseek.model import MoE, NanoSeek
@@ -182,20 +183,11 @@ def test_attention_is_scaled_masked_softmax(dtype):
         torch.testing.assert_close(got, want, atol=3e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
 
 
-def peaked(model):
-    """Attention scores of order 1 (at init they are ~0, and position or causality would hardly show)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "q_b_proj.weight", "k_proj.weight", "kv_a_proj_with_mqa.weight")):
-                p.mul_(10)
-    return model
-
-
 @pytest.mark.parametrize("name", ["tiny", "dense"])
 def test_attention_is_causal_and_sees_only_relative_positions(name):
     """The logits before a changed token do not move (causality), and shifting every position by the same amount
     changes nothing (RoPE on both q and k rotates by relative position only)."""
-    model = peaked(NanoSeek(preset(name, vocab_size=512)).eval())
+    model = peak_attention(NanoSeek(preset(name, vocab_size=512)).eval())
     ids = torch.randint(0, 512, (2, 24))
     pos = torch.arange(24).expand(2, 24)
     with torch.no_grad():

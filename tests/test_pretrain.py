@@ -15,7 +15,7 @@ from helpers import corpus_text
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nanoseek.checkpoint import CheckpointError, atomic_write_text
+from nanoseek.checkpoint import CheckpointError, atomic_write_text, read_training_info
 
 TINY = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "320", "--log-every", "2",
         "--eval-every", "10", "--threads", "1"]
@@ -126,12 +126,14 @@ def test_learning_rate_schedules():
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
     args = ["--data", corpus, "--max-steps", 40, "--save-every", 10, *TINY]
     nanoseek("pretrain", "--run", tmp_path / "a", *args)
-    # same run, killed with SIGKILL right after its first periodic checkpoint's step, then resumed
-    sigkill_after(10, tmp_path / "b", args)
+    # same run, killed with SIGKILL right after its first periodic checkpoint, then resumed
+    ckpt = tmp_path / "b" / "base" / "checkpoint.safetensors"
+    sigkill_when(lambda: ckpt.exists() and read_training_info(ckpt)["step"] >= 10, tmp_path / "b", args)
     nanoseek("pretrain", "--run", tmp_path / "b", "--resume", *args)
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b") or _same_losses(tmp_path / "a", tmp_path / "b")
     # killed before any periodic checkpoint: it resumes from the one written at step 0, as `make demo` does
-    sigkill_after(2, tmp_path / "d", args)
+    sigkill_when(lambda: logged(tmp_path / "d"), tmp_path / "d", args)
+    assert read_training_info(tmp_path / "d" / "base" / "checkpoint.safetensors")["step"] == 0
     nanoseek("pretrain", "--run", tmp_path / "d", "--resume", *args)
     assert _same_losses(tmp_path / "a", tmp_path / "d")
     # Ctrl-C mid-run: the step in flight finishes, the run saves and exits with 130 (as a shell reports a Ctrl-C);
@@ -143,17 +145,23 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, corpus):
     assert _same_losses(tmp_path / "a", tmp_path / "c")
 
 
-def sigkill_after(step, run, args):
-    """Start `pretrain --run run *args` and SIGKILL it once it has logged `step`."""
-    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", run, *map(str, args)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics_path = run / "base" / "metrics.jsonl"
+def logged(run) -> bool:
+    """Whether the run has logged a training step."""
+    path = run / "base" / "metrics.jsonl"
+    return path.exists() and any(line.endswith("}") for line in path.read_text().splitlines())
+
+
+def start_pretrain(run, args, ready, **kw):
+    """Start `pretrain --run run *args` and return it once ready() holds (or it ended)."""
+    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", run, *map(str, args)], **kw)
     deadline = time.time() + 240
-    while p.poll() is None and time.time() < deadline:
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        if any(line.endswith("}") and json.loads(line)["step"] >= step for line in lines):
-            break
+    while not ready() and p.poll() is None and time.time() < deadline:
         time.sleep(0.01)
+    return p
+
+
+def sigkill_when(ready, run, args):
+    p = start_pretrain(run, args, ready, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL
@@ -163,11 +171,7 @@ def sigkill_after(step, run, args):
 def stop_after_first_log(sig, run, args, twice=False):
     """Start `pretrain --run run *args`, send sig (twice: again 50 ms later) once it has logged a step: it must save
     and exit 128 + sig."""
-    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--run", run, *map(str, args)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics_path = run / "base" / "metrics.jsonl"
-    while not (metrics_path.exists() and metrics_path.read_text()) and p.poll() is None:
-        time.sleep(0.01)
+    p = start_pretrain(run, args, lambda: logged(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.send_signal(sig)
     if twice:
         time.sleep(0.05)
@@ -210,7 +214,8 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     fails("--run", tmp_path / "none", "--data", corpus, "--max-steps", 1, "--resume", *TINY, match="no checkpoint")
     fails("--run", tmp_path / "x", "--data", corpus, "--max-steps", 1, *TINY, "--log-every", 0, match="--log-every")
     fails("--run", corpus, "--data", corpus, "--max-steps", 1, *TINY, match="Not a directory")  # --run is a file
-    for flag, value in (("--threads", 0), ("--warmup", 2), ("--time-budget", "nan"), ("--lr", 11)):
+    for flag, value in (("--threads", 0), ("--warmup", 2), ("--time-budget", "nan"), ("--lr", 11),
+                        ("--eval-tokens", -1)):
         fails("--run", tmp_path / "x", "--data", corpus, "--max-steps", 1, *TINY, flag, value, match=flag)
 
     run = tmp_path / "run"
@@ -258,12 +263,20 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     fails("--run", tmp_path / "grow", "--data", own, "--max-steps", 4, "--resume", *TINY, match="training tokens")
     own.write_text(corpus_text())  # back as it was (a new mtime): tokenized again to the same tokens, resumed
     nanoseek("pretrain", "--run", tmp_path / "grow", "--data", own, "--max-steps", 4, "--resume", *TINY)
+    # a checkpoint of an older version (no hash of its tokens) resumes as before
+    ckpt = tmp_path / "grow" / "base" / "checkpoint.safetensors"
+    with safe_open(str(ckpt), "pt") as f:
+        info = json.loads(f.metadata()["info"])
+    old = {k: v for k, v in info.items() if k != "data_sha"}
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={"info": json.dumps(old)})
+    nanoseek("pretrain", "--run", tmp_path / "grow", "--data", own, "--max-steps", 6, "--resume", *TINY)
     # a checkpoint that is not a whole one (another program's, a damaged one): one line, not a traceback
     ckpt = run / "base" / "checkpoint.safetensors"
     with safe_open(str(ckpt), "pt") as f:
         info = json.loads(f.metadata()["info"])
     tensors = load_file(str(ckpt))
-    for bad, match in (([], "not a JSON object"), ({**info, "param_groups": None}, "not a whole training checkpoint"),
+    for bad, match in (([], "not a training checkpoint's"), ({**info, "loader": "0"}, "not a training checkpoint's"),
+                       ({**info, "param_groups": None}, "not a whole training checkpoint"),
                        ({k: v for k, v in info.items() if k != "param_groups"}, "not a whole training checkpoint")):
         save_file(tensors, str(ckpt), metadata={"info": json.dumps(bad)})
         fails("--run", run, "--data", corpus, "--max-steps", 4, "--resume", *TINY, match=match)
