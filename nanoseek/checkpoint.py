@@ -108,10 +108,13 @@ def load_model_state(model, tensors: dict[str, torch.Tensor], source: str) -> No
 
 
 def save_model(model, out_dir: str | Path) -> None:
-    out = Path(out_dir)
-    save_tensors(out / "model.safetensors", model_state(model), metadata={"format": "pt"})
-    atomic_write_text(out / "config.json", json.dumps({"model_type": MODEL_TYPE, **model.config.to_dict()},
-                                                      indent=2) + "\n")
+    save_tensors(Path(out_dir) / "model.safetensors", model_state(model), metadata={"format": "pt"})
+    save_config(model.config, out_dir)
+
+
+def save_config(cfg: ModelConfig, out_dir: str | Path) -> None:
+    atomic_write_text(Path(out_dir) / "config.json", json.dumps({"model_type": MODEL_TYPE, **cfg.to_dict()},
+                                                                indent=2) + "\n")
 
 
 def read_config(path: str | Path) -> dict:

@@ -27,6 +27,7 @@ from nanoseek.checkpoint import (
     load_training_state,
     read_config,
     read_training_info,
+    save_config,
     save_model,
     save_training_state,
 )
@@ -229,7 +230,7 @@ def train(args):
         evaluated = _truncate_metrics(metrics_path, step)
         if not args.resume:  # config.json before the first checkpoint: a checkpoint always has its config
             ckpt_path.unlink(missing_ok=True)  # --overwrite: the old run's state belongs to another model
-            save_model(model, stage)
+            save_config(cfg, stage)  # the weights follow with the step-0 checkpoint below
     train_model = parallel.wrap(torch.compile(model) if args.compile else model, d)
 
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * d.world

@@ -264,22 +264,26 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     own.write_text(corpus_text())  # back as it was (a new mtime): tokenized again to the same tokens, resumed
     nanoseek("pretrain", "--run", tmp_path / "grow", "--data", own, "--max-steps", 4, "--resume", *TINY)
     # a checkpoint of an older version (no hash of its tokens) resumes as before
-    ckpt = tmp_path / "grow" / "base" / "checkpoint.safetensors"
-    with safe_open(str(ckpt), "pt") as f:
-        info = json.loads(f.metadata()["info"])
-    old = {k: v for k, v in info.items() if k != "data_sha"}
-    save_file(load_file(str(ckpt)), str(ckpt), metadata={"info": json.dumps(old)})
+    rewrite_info(tmp_path / "grow", lambda info: {k: v for k, v in info.items() if k != "data_sha"})
     nanoseek("pretrain", "--run", tmp_path / "grow", "--data", own, "--max-steps", 6, "--resume", *TINY)
     # a checkpoint that is not a whole one (another program's, a damaged one): one line, not a traceback
+    for damage, match in ((lambda info: [], "not a training checkpoint's"),
+                          (lambda info: {**info, "loader": "0"}, "not a training checkpoint's"),
+                          (lambda info: {**info, "param_groups": None}, "not a whole training checkpoint"),
+                          (lambda info: {k: v for k, v in info.items() if k != "param_groups"},
+                           "not a whole training checkpoint")):
+        original = rewrite_info(run, damage)
+        fails("--run", run, "--data", corpus, "--max-steps", 4, "--resume", *TINY, match=match)
+        rewrite_info(run, lambda _, original=original: original)
+
+
+def rewrite_info(run, change) -> dict:
+    """Replace the JSON info of the run's checkpoint by change(info); returns the info it had."""
     ckpt = run / "base" / "checkpoint.safetensors"
     with safe_open(str(ckpt), "pt") as f:
         info = json.loads(f.metadata()["info"])
-    tensors = load_file(str(ckpt))
-    for bad, match in (([], "not a training checkpoint's"), ({**info, "loader": "0"}, "not a training checkpoint's"),
-                       ({**info, "param_groups": None}, "not a whole training checkpoint"),
-                       ({k: v for k, v in info.items() if k != "param_groups"}, "not a whole training checkpoint")):
-        save_file(tensors, str(ckpt), metadata={"info": json.dumps(bad)})
-        fails("--run", run, "--data", corpus, "--max-steps", 4, "--resume", *TINY, match=match)
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={"info": json.dumps(change(info))})
+    return info
 
 
 def test_a_directory_that_refuses_fsync_still_gets_its_file(tmp_path, monkeypatch):

@@ -70,14 +70,16 @@ def test_type_a_message_and_see_a_streamed_answer(page, model_and_tokenizer, tmp
         sync_api.expect(page.locator(".msg.assistant .meta").nth(1)).to_contain_text("tokens", timeout=20_000)
 
 
+def chunk(delta, finish=None) -> str:
+    """One server-sent event of a streamed chat completion, for canned answers."""
+    return "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
+                                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+
+
 def test_reasoning_is_collapsible(page, model_and_tokenizer):
     """The server's SSE stream (here a canned one, since a random model does not reason) with
     reasoning_content: the page shows it in a <details> that collapses once the answer is complete."""
     model, tok = model_and_tokenizer
-
-    def chunk(delta, finish=None):
-        return "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
-                                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
 
     body = (chunk({"role": "assistant", "content": ""}) + chunk({"reasoning_content": "3 + 4 = 7"})
             + chunk({"content": "It is 7."}, "stop") + "data: [DONE]\n\n")
@@ -196,10 +198,8 @@ def test_the_settings_reach_the_request(page, model_and_tokenizer):
 
     def reply(route):
         requests.append(route.request.post_data_json)
-        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=(
-            "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
-                                   "choices": [{"index": 0, "delta": {"content": "Aye."}, "finish_reason": "stop"}]})
-            + "\n\ndata: [DONE]\n\n"))
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                      body=chunk({"content": "Aye."}, "stop") + "data: [DONE]\n\n")
 
     with serving(Server(model, tok, "tiny", max_batch=2)) as url:
         page.route("**/v1/chat/completions", reply)
