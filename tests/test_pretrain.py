@@ -65,7 +65,8 @@ def test_a_time_budget_spans_the_schedule(tmp_path, corpus):
              "--eval-every", 0, "--log-every", 1)
     m = metrics(tmp_path / "run")
     train = [e for e in m if "loss" in e]
-    assert len(train) > 5 and train[-2]["time"] < 4 <= train[-1]["time"]  # it stopped once the budget was spent
+    # it stopped once the budget was spent (times are logged rounded to 1 ms)
+    assert len(train) > 5 and train[-2]["time"] <= 4 <= train[-1]["time"]
     scales = [e["lr_scale"] for e in train]
     decay = scales[scales.index(1.0):]  # after the warm-up: flat, then down
     assert decay == sorted(decay, reverse=True) and decay[-1] < 0.3
