@@ -20,8 +20,12 @@ import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
 
-EXPERT_ROWS = 64
+EXPERT_ROWS = 32
 """Each expert's block of tokens is padded to a multiple of this many rows (see Experts.forward)."""
+
+GROUPED_MM = hasattr(torch, "_grouped_mm") and torch.torch_version.TorchVersion(torch.__version__) >= "2.10"
+"""All experts in one grouped matmul (torch._grouped_mm: on every device and dtype since torch 2.10);
+otherwise one matmul per expert (Experts.forward)."""
 
 
 def _no_autocast(device_type: str):
@@ -243,46 +247,50 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
 
     @staticmethod
-    def gated(x, gate_up):
-        """silu(x gate^T) * (x up^T): the SwiGLU before its down projection."""
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    def gated(x, gate_up, ends=None):
+        """silu(x gate^T) * (x up^T): the SwiGLU before its down projection. With `ends`, gate_up is [E, 2I, H] and
+        x's rows up to ends[e] belong to expert e."""
+        gate, up = (F.linear(x, gate_up) if ends is None else _grouped_linear(x, gate_up, ends)).chunk(2, dim=-1)
         return F.silu(gate) * up
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sort-based dispatch: the N*K (token, expert) pairs are sorted by expert, so every expert runs
-        one matmul over a contiguous block of its tokens; no loop over tokens, no expert sees a token it
-        was not chosen for. x [N, H] (already in the matmul dtype), idx/weights [N, K] -> [N, H] in x's dtype.
+        """Sort-based dispatch: the N*K (token, expert) pairs are sorted by expert, so that every expert's tokens
+        form one contiguous block and all experts run as one grouped matmul; no loop over tokens, no expert sees a
+        token it was not chosen for. x [N, H] (already in the matmul dtype), idx/weights [N, K] -> [N, H] in x's
+        dtype.
 
-        Each expert's block is padded to a multiple of EXPERT_ROWS rows. On CPU, bf16 matmuls run in oneDNN,
-        which builds (JIT-compiles) a kernel for every new shape, ~0.5 ms each; the number of tokens per
-        expert changes at every training step, so unpadded nearly every expert matmul paid that (measured in
-        a real training step of the cpu preset: expert matmuls at 0.08 TFLOP/s instead of ~0.3, the whole
-        step 1.25x slower). Padded, a few dozen shapes recur and stay in oneDNN's cache. A padding row
-        repeats token 0 with routing weight 0, so it adds nothing to the output or to any gradient.
+        Each expert's block is padded to a multiple of EXPERT_ROWS rows, and the last one up to a fixed total of
+        N*K + E*(EXPERT_ROWS-1) rows. On CPU, bf16 matmuls run in oneDNN, which builds (JIT-compiles) a kernel for
+        every new shape, ~0.5 ms each; the number of tokens per expert changes at every training step, so
+        unpadded nearly every expert matmul paid that (measured: fixed vs varying block sizes, forward+backward of
+        the cpu preset's 16 experts on 8192 rows in bf16, 12 vs 25 ms). Padded, a few dozen shapes recur and stay
+        in oneDNN's cache. The fixed total keeps every shape independent of the routing, so `torch.compile`
+        traces the whole layer once, without a graph break (a compiled training step of the cpu preset: 12.7k ->
+        14.2k tokens/s). A padding row repeats token 0 with routing weight 0, so it adds nothing to the output or
+        to any gradient.
 
         The routing weight scales each row between the two matmuls (I wide, not H) and the K rows of a token
         are summed by one index_add in the matmul dtype: no fp32 copy of the [N*K, H] outputs (measured on
         the cpu preset, forward+backward of an MoE layer on 4096 tokens in bf16: 43.9 -> 39.7 ms)."""
         N, K = idx.shape
+        E = self.gate_up_proj.shape[0]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # [N*K] pair ids grouped by expert
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        counts = expert_counts(flat, E)
         padded = (counts + EXPERT_ROWS - 1) // EXPERT_ROWS * EXPERT_ROWS
+        ends = padded.cumsum(0)
+        rows = N * K + E * (EXPERT_ROWS - 1)  # >= ends[-1]; the last expert's block takes the rest
+        ends = torch.cat((ends[:-1], ends.new_full((1,), rows)))
         # row of each sorted pair in the padded blocks: its rank within its expert + that expert's first row
-        row = torch.arange(N * K, device=x.device) + (padded.cumsum(0) - padded - counts.cumsum(0) + counts)[
+        row = torch.arange(N * K, device=x.device) + (ends - padded - counts.cumsum(0) + counts)[
             flat.index_select(0, order)]
-        rows = int(padded.sum())
         token = torch.zeros(rows, dtype=order.dtype, device=x.device).index_copy(0, row, order // K)
         w = weights.new_zeros(rows).index_copy(0, row, weights.reshape(-1).index_select(0, order)).to(x.dtype)
         # index_select/index_add, not indexing: their backwards are an index_add and an index_select, ~10x
         # faster on CPU than indexing's accumulating index_put (measured: 0.27 vs 3.0 ms for 8192 rows of 256)
         xs = x.index_select(0, token)
-        # one cast of the stacked weights, then unbind (not [e]: its backward writes each weight gradient once
-        # instead of E zero-filled copies)
-        experts = zip(self.gate_up_proj.to(x.dtype).unbind(0), self.down_proj.to(x.dtype).unbind(0))
-        sizes = padded.tolist()
-        y = torch.cat([F.linear(self.gated(xe, gu) * we[:, None], dn)
-                       for xe, we, (gu, dn) in zip(xs.split(sizes), w.split(sizes), experts) if xe.shape[0]])
+        h = self.gated(xs, self.gate_up_proj.to(x.dtype), ends) * w[:, None]
+        y = _grouped_linear(h, self.down_proj.to(x.dtype), ends)
         return torch.zeros(N, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y)
 
     def forward_reference(self, x, idx, weights):
@@ -294,6 +302,22 @@ class Experts(nn.Module):
                 y = F.linear(self.gated(x[tok], self.gate_up_proj[e]), self.down_proj[e])
                 out[tok] += y.float() * weights[tok, slot, None]
         return out
+
+
+def expert_counts(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """How many times each of n experts occurs in idx (bincount, with a shape torch.compile can trace: bincount's
+    output size depends on the data, which splits the compiled graph at every MoE layer)."""
+    return torch.zeros(n, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x [R, in] in blocks, w [E, out, in], ends [E] the end row of each block (the last is R) -> [R, out]:
+    block e times w[e]^T."""
+    if GROUPED_MM:
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=ends.to(torch.int32))
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    # unbind, not w[e]: its backward writes the weight gradient once instead of E zero-filled copies
+    return torch.cat([F.linear(xe, we) for xe, we in zip(x.split(sizes), w.unbind(0))])
 
 
 class MoE(nn.Module):
@@ -317,7 +341,7 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # one cast for the routed and the shared experts
             xf = xf.to(torch.get_autocast_dtype(x.device.type))
         if self.training:
-            self.load += torch.bincount(idx.reshape(-1), minlength=self.load.numel()).to(self.load.dtype)
+            self.load += expert_counts(idx.reshape(-1), self.load.numel()).to(self.load.dtype)
             self.aux_loss = self._sequence_aux_loss(idx, scores, B, S) if self.cfg.aux_loss_alpha > 0 else None
         y = self.experts(xf, idx, weights)
         if self.shared_experts is not None:
@@ -432,28 +456,29 @@ class NanoSeek(nn.Module):
             m.load.zero_()
 
     # -- pieces the engine composes
-    def rope(self, positions: torch.Tensor):
-        """positions [B, S] -> cos, sin [B, 1, S, dr/2] (broadcast over heads)."""
-        if positions.max() >= self.rope_cos.shape[0]:
-            raise ValueError(f"position {int(positions.max())} exceeds max_position_embeddings="
+    def rope(self, positions: torch.Tensor | None, length: int = 0):
+        """positions [B, S] -> cos, sin [B, 1, S, dr/2] (broadcast over heads). None means positions 0..length-1
+        (-> [1, 1, length, dr/2]), checked without reading a tensor: a compiled training step has no graph break."""
+        last = length - 1 if positions is None else int(positions.max())
+        if last >= self.rope_cos.shape[0]:
+            raise ValueError(f"position {last} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if positions is None:
+            return self.rope_cos[None, None, :length], self.rope_sin[None, None, :length]
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
     def hidden(self, input_ids, positions=None, cache=None, absorb=False):
         """Final-normed hidden states [B, S, H] of the main model."""
-        B, S = input_ids.shape
-        if positions is None:
-            positions = torch.arange(S, device=input_ids.device).expand(B, S)
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(positions, input_ids.shape[1])
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             h = layer(h, cos, sin, cache, absorb)
         return self.model.norm(h)
 
     def mtp_hidden(self, k, h_prev, next_ids, positions, cache=None, absorb=False):
-        """MTP module k: h_prev [B, S, H] at positions i, next_ids [B, S] the tokens i+k+1 -> [B, S, H]
+        """MTP module k: h_prev [B, S, H] at positions i (None: 0..S-1), next_ids [B, S] the tokens i+k+1 -> [B, S, H]
         (pre-norm; logits = lm_head(mtp[k].norm(h)))."""
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(positions, next_ids.shape[1])
         return self.mtp[k](h_prev, self.model.embed_tokens(next_ids), cos, sin, cache, absorb)
 
     def forward(self, input_ids, targets=None, *, positions=None, cache=None, absorb=False):
@@ -472,8 +497,7 @@ class NanoSeek(nn.Module):
                 d = k + 1  # depth: module k sees token i+d and predicts token i+d+1
                 if S - d <= 0:
                     break
-                pos = torch.arange(S - d, device=input_ids.device).expand(B, S - d)
-                h_prev = self.mtp_hidden(k, h_prev[:, : S - d], input_ids[:, d:], pos)
+                h_prev = self.mtp_hidden(k, h_prev[:, : S - d], input_ids[:, d:], None)
                 losses.append(self._ce(self.lm_head(self.mtp[k].norm(h_prev)), targets[:, d:]))
             mtp_loss = torch.stack(losses).mean() if losses else None
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]

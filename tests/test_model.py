@@ -4,18 +4,25 @@ import pytest
 import torch
 from helpers import peak_attention
 
+from nanoseek import model as model_module
 from nanoseek.config import ConfigError, ModelConfig, preset
 from nanoseek.model import MoE, NanoSeek
 
 
-def test_sorted_dispatch_equals_per_expert_loop():
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("n", [37, 300])  # 300 tokens: blocks of several EXPERT_ROWS, and skewed loads
+def test_sorted_dispatch_equals_per_expert_loop(monkeypatch, grouped, n):
+    """Both expert kernels (one grouped matmul; one matmul per expert, for torch < 2.10) against the masked
+    reference, outputs and gradients."""
+    monkeypatch.setattr(model_module, "GROUPED_MM", grouped and model_module.GROUPED_MM)
     cfg = preset("tiny", n_routed_experts=8, num_experts_per_tok=3, n_group=1, topk_group=1)
     moe = MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    x = torch.randn(37, cfg.hidden_size)
+    moe.gate.e_score_correction_bias[:2] = 0.5  # experts 0 and 1 take most tokens
+    x = torch.randn(n, cfg.hidden_size)
     w, idx, _ = moe.gate(x)
-    assert idx.shape == (37, 3) and w.shape == (37, 3)
+    assert idx.shape == (n, 3) and w.shape == (n, 3)
     fast = moe.experts(x, idx, w)
     slow = moe.experts.forward_reference(x, idx, w)
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
@@ -196,12 +203,14 @@ def test_attention_is_causal_and_sees_only_relative_positions(name):
         other[:, 15] = (other[:, 15] + 1) % 512
         changed = model(other, positions=pos)
         shifted = model(ids, positions=pos + 37)
+        implicit = model(ids)  # no positions: 0..S-1, taken from the RoPE tables without indexing
         without_rope = model.rope  # a model that ignored positions would pass the shift: they must matter
-        model.rope = lambda p: without_rope(torch.zeros_like(p))
+        model.rope = lambda p, length=0: without_rope(torch.zeros_like(p))
         unrotated = model(ids, positions=pos)
     torch.testing.assert_close(changed[:, :15], base[:, :15], atol=1e-5, rtol=0)
     assert (changed[:, 15:] - base[:, 15:]).abs().max() > 1e-2
     torch.testing.assert_close(shifted, base, atol=1e-4, rtol=0)
+    torch.testing.assert_close(implicit, base, atol=0, rtol=0)
     assert (unrotated - base).abs().max() > 1e-2
 
 
@@ -255,3 +264,12 @@ def test_presets_sizes():
     dense, cpu = preset("dense"), preset("cpu")
     assert dense.hidden_size == cpu.hidden_size and dense.num_hidden_layers == cpu.num_hidden_layers
     assert dense.n_routed_experts == 0 and dense.num_nextn_predict_layers == 0 and dense.attention_type == "mha"
+
+
+def test_positions_beyond_the_rope_tables_are_refused():
+    model = NanoSeek(preset("tiny", max_position_embeddings=16)).eval()
+    model(torch.zeros(1, 16, dtype=torch.long))  # the last position is 15
+    with pytest.raises(ValueError, match="position 16 exceeds max_position_embeddings=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="position 20 exceeds max_position_embeddings=16"):
+        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([[3, 20]]))

@@ -364,6 +364,34 @@ def test_optimizer_groups(name):
             assert torch.allclose(step, expected, atol=0.02) == close
 
 
+def test_muon_batched_step_equals_one_matrix_at_a_time():
+    """Muon orthogonalises same-shaped matrices as one batch: two steps (momentum, weight decay) of every Muon tensor
+    of the cpu preset (square, wide, tall, stacked experts) equal Muon's update computed for each tensor alone."""
+    import torch
+
+    from nanoseek.config import preset
+    from nanoseek.model import NanoSeek
+    from nanoseek.optim import Muon, orthogonalize, param_groups
+
+    torch.manual_seed(0)
+    params = param_groups(NanoSeek(preset("cpu")))[0]
+    assert len({getattr(p, "muon_view", p.shape)[-2:] for p in params}) > 2  # several shapes, tall ones too
+    lr, wd, mom = 0.01, 0.1, 0.95
+    expected = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    opt = Muon(params, lr=lr, weight_decay=wd, momentum=mom)
+    for _ in range(2):
+        for p, e, buf in zip(params, expected, bufs):
+            p.grad = torch.randn_like(p)
+            buf.lerp_(p.grad, 1 - mom)
+            shape = getattr(p, "muon_view", p.shape)
+            o = orthogonalize(p.grad.lerp(buf, mom).reshape(shape), getattr(p, "muon_ns_steps", 5)).reshape(p.shape)
+            e.mul_(1 - lr * wd).add_(o * max(1.0, shape[-2] / shape[-1]) ** 0.5, alpha=-lr)
+        opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, atol=2e-5, rtol=0)
+
+
 def test_divergence_stops_before_the_update_and_world_is_checked(tmp_path, corpus, monkeypatch):
     """In-process: a NaN gradient norm at step 3 stops the run before that update (the step-2 checkpoint and the
     weights stay finite); a checkpoint written by another number of processes is not resumed."""
