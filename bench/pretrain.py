@@ -5,6 +5,7 @@ P1  nanoGPT race on Tiny Shakespeare (val = last 10% of the file, nanoGPT's spli
     character we reach in nanoGPT's 167.8 s.
 P2  DeepSeek (`cpu` preset) vs `dense` preset at equal wall clock on the default corpus: val bits per byte,
     the mean over seeds (--p2-seeds, each preset once per seed, interleaved).
+    Both presets train with --compile (--no-p2-compile: eager); compiling counts against their seconds.
 P3  model FLOPs per second over the bf16 matmul peak measured in the same process (cpu preset, P2's run).
 
 Clocks count training steps only (evaluation and checkpointing are excluded and reported apart).
@@ -75,10 +76,12 @@ def p1(work: Path, seconds: float, race_seconds: float) -> dict:
             "p1_seconds": round(full["train_time"], 1)}
 
 
-def p2(work: Path, seconds: float, seeds: int) -> dict:
+def p2(work: Path, seconds: float, seeds: int, compile: bool) -> dict:
     """Each preset once per seed, interleaved (dense, cpu, dense, cpu, ...) so that the machine's drift in speed
-    and the seed's luck fall on both alike; the figures are means over the seeds."""
-    common = ["--seq-len", "128", "--batch-size", "32", "--time-budget", str(seconds), "--eval-every", "0"]
+    and the seed's luck fall on both alike; the figures are means over the seeds. With `compile`, both presets
+    train compiled, and the compilation (in the first steps) counts against their seconds."""
+    common = ["--seq-len", "128", "--batch-size", "32", "--time-budget", str(seconds), "--eval-every", "0",
+              *(["--compile"] if compile else [])]
     runs = {"dense": [], "deepseek": []}
     for seed in range(seeds):
         for name in ("dense", "cpu"):  # the same tokenizer and shards for all (made by the first run)
@@ -89,7 +92,7 @@ def p2(work: Path, seconds: float, seeds: int) -> dict:
                  "tokens_per_s": summary["tokens"] / summary["train_time"],
                  "mfu": statistics.median(mfu) if mfu else None})
             (work / "p2" / "base").rename(work / f"p2_{name}_seed{seed}")
-    out = {"p2_seconds": seconds, "p2_seeds": seeds}
+    out = {"p2_seconds": seconds, "p2_seeds": seeds, "p2_compiled": compile}
     for key, rs in runs.items():
         out[f"p2_bpb_{key}"] = round(statistics.mean(r["bpb"] for r in rs), 4)
         out[f"p2_bpb_{key}_per_seed"] = [round(r["bpb"], 4) for r in rs]
@@ -110,6 +113,8 @@ def main():
     ap.add_argument("--p1-race-seconds", type=float, default=40.0)
     ap.add_argument("--p2-seconds", type=float, default=240.0)
     ap.add_argument("--p2-seeds", type=int, default=2, help="runs of each preset (one per seed), interleaved")
+    ap.add_argument("--p2-compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="P2/P3 with --compile for both presets (default; --no-p2-compile: eager)")
     ap.add_argument("--work", help="directory for the runs (default: a temporary one)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="nanoseek-bench-"))
@@ -117,7 +122,7 @@ def main():
     if args.only in (None, "p1"):
         result.update(p1(work, args.p1_seconds, args.p1_race_seconds))
     if args.only in (None, "p2"):
-        result.update(p2(work, args.p2_seconds, args.p2_seeds))
+        result.update(p2(work, args.p2_seconds, args.p2_seeds, args.p2_compile))
     print(json.dumps(result))
 
 
