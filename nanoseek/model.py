@@ -279,11 +279,11 @@ class Experts(nn.Module):
         counts = expert_counts(flat, E)
         padded = (counts + EXPERT_ROWS - 1) // EXPERT_ROWS * EXPERT_ROWS
         ends = padded.cumsum(0)
-        rows = N * K + E * (EXPERT_ROWS - 1)  # >= ends[-1]; the last expert's block takes the rest
-        ends = torch.cat((ends[:-1], ends.new_full((1,), rows)))
         # row of each sorted pair in the padded blocks: its rank within its expert + that expert's first row
         row = torch.arange(N * K, device=x.device) + (ends - padded - counts.cumsum(0) + counts)[
             flat.index_select(0, order)]
+        rows = N * K + E * (EXPERT_ROWS - 1)  # >= ends[-1]; the last expert's block takes the rest
+        ends = torch.cat((ends[:-1], ends.new_full((1,), rows)))
         token = torch.zeros(rows, dtype=order.dtype, device=x.device).index_copy(0, row, order // K)
         w = weights.new_zeros(rows).index_copy(0, row, weights.reshape(-1).index_select(0, order)).to(x.dtype)
         # index_select/index_add, not indexing: their backwards are an index_add and an index_select, ~10x
