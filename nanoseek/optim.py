@@ -38,7 +38,7 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U V^T of g = U S V^T for a batch of matrices [..., m, n], in bf16."""
+    """Approximately U V^T of g = U S V^T for a batch of matrices [..., m, n], computed and returned in bf16."""
     a, b, c = NS_COEFFS
     x = g.bfloat16().reshape(-1, *g.shape[-2:])
     transposed = x.shape[-2] > x.shape[-1]
@@ -48,7 +48,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     for _ in range(steps):  # x <- a x + (b A + c A^2) x with A = x x^T, the scaled sums fused into the matmuls
         A = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(A, A, A, beta=b, alpha=c), x, beta=a)
-    return (x.mT if transposed else x).reshape(g.shape).to(g.dtype)
+    return (x.mT if transposed else x).reshape(g.shape)
 
 
 class Muon(torch.optim.Optimizer):
@@ -66,19 +66,23 @@ class Muon(torch.optim.Optimizer):
             # matrices of one shape (up to a transpose) and one number of Newton-Schulz steps are orthogonalised
             # together, as one batch: the cpu preset's 22 Muon tensors take 4 calls, the dense preset's 16 take 2.
             # Measured on the Intel Xeon with AMX (Muon's step on all of a preset's matrices, best of 12), with the
-            # fused baddbmm of orthogonalize: cpu 52.5 -> 47.4 ms, dense 41.0 -> 19.8 ms.
+            # fused baddbmm of orthogonalize: cpu 52.5 -> 47.4 ms, dense 41.0 -> 19.8 ms. The momentum as foreach ops,
+            # the cast to bf16 before concatenating and the bf16 update added with its scale folded into alpha (no fp32
+            # copy of it): cpu 51.3 -> 47.9 ms (median of 10, interleaved), dense 18.1 -> 17.8 ms.
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             batches: dict[tuple, list] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+            for p, update in zip(params, updates):
                 shape = getattr(p, "muon_view", p.shape)
-                m = update.reshape(-1, *shape[-2:])
+                m = update.bfloat16().reshape(-1, *shape[-2:])  # cast before the batch is concatenated
                 tall = m.shape[-2] > m.shape[-1]
                 m = m.mT if tall else m
                 steps = getattr(p, "muon_ns_steps", group["ns_steps"])
@@ -88,10 +92,9 @@ class Muon(torch.optim.Optimizer):
                 ortho = orthogonalize(torch.cat(mats), steps)
                 for (p, _, tall), o in zip(items, ortho.split([m.shape[0] for m in mats])):
                     o = o.mT if tall else o
-                    o *= max(1.0, o.shape[-2] / o.shape[-1]) ** 0.5
-                    if group["weight_decay"]:
-                        p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o.reshape(p.shape), alpha=-group["lr"])
+                    # the bf16 update is added to the fp32 weight directly, its scale folded into alpha
+                    scale = max(1.0, o.shape[-2] / o.shape[-1]) ** 0.5
+                    p.add_(o.reshape(p.shape), alpha=-group["lr"] * scale)
 
 
 EXPERT_NS_STEPS = 3

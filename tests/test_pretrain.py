@@ -360,7 +360,7 @@ def test_optimizer_groups(name):
         Optimizers(model).opts[0].step()
         step = (before - w.detach()) / rate
         for steps, close in ((EXPERT_NS_STEPS, True), (5, False)):
-            expected = orthogonalize(w.grad.view(w.muon_view), steps).view(w.shape)
+            expected = orthogonalize(w.grad.view(w.muon_view), steps).view(w.shape).float()
             assert torch.allclose(step, expected, atol=0.02) == close
 
 
@@ -385,7 +385,8 @@ def test_muon_batched_step_equals_one_matrix_at_a_time():
             p.grad = torch.randn_like(p)
             buf.lerp_(p.grad, 1 - mom)
             shape = getattr(p, "muon_view", p.shape)
-            o = orthogonalize(p.grad.lerp(buf, mom).reshape(shape), getattr(p, "muon_ns_steps", 5)).reshape(p.shape)
+            o = orthogonalize(p.grad.lerp(buf, mom).reshape(shape), getattr(p, "muon_ns_steps", 5)).float()
+            o = o.reshape(p.shape)
             e.mul_(1 - lr * wd).add_(o * max(1.0, shape[-2] / shape[-1]) ** 0.5, alpha=-lr)
         opt.step()
     for p, e in zip(params, expected):
