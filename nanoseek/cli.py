@@ -22,7 +22,7 @@ VERBS = {
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--preset / --config / --set: how every verb that builds a model is configured."""
-    p.add_argument("--preset", default="cpu", help="model preset: tiny, cpu, dense, gpu (default: cpu)")
+    p.add_argument("--preset", help="model preset: tiny, cpu, dense, gpu (default: cpu)")
     p.add_argument("--config", help="JSON file with ModelConfig fields (applied over the preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field (repeatable), e.g. --set num_hidden_layers=6")
@@ -31,7 +31,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def model_config(args):
     from nanoseek.config import ModelConfig, preset
 
-    cfg = preset(args.preset)
+    cfg = preset(args.preset or "cpu")
     if args.config:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **ModelConfig.load(args.config).to_dict()})
     return cfg.with_overrides(args.set)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.decode import BUCKETS, CompiledSteps, LayerWeights, fold_model
-from nanoseek.errors import UserError
+from nanoseek.errors import UserError, first_line
 from nanoseek.model import NanoSeek, route
 
 IMPLS = ("fast", "absorbed", "naive")
@@ -475,8 +475,7 @@ class FastForward(_Forward):
     def _without_compile(self, error: Exception) -> None:
         """torch.compile failed (a graph writes the cache only for the positions the eager step rewrites): decode
         eagerly from now on."""
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"nanoseek: torch.compile failed ({reason}); decoding without it", file=sys.stderr)
+        print(f"nanoseek: torch.compile failed ({first_line(error)}); decoding without it", file=sys.stderr)
         self.compiled = None
 
 

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from nanoseek.data import (
     load_tokens,
     tokenizer_fingerprint,
 )
-from nanoseek.errors import UserError
+from nanoseek.errors import UserError, first_line
 from nanoseek.evaluate import autocast, bits_per_byte
 from nanoseek.model import NanoSeek
 from nanoseek.optim import Optimizers, lr_scale
@@ -183,6 +184,7 @@ def train(args):
         saved = read_config(stage / "config.json")
         saved.pop("model_type", None)
         cfg = ModelConfig.from_dict(saved)
+        _check_resume_config(args, cfg)
     else:
         cfg = model_config(args)
     if d.main:
@@ -231,7 +233,8 @@ def train(args):
         if not args.resume:  # config.json before the first checkpoint: a checkpoint always has its config
             ckpt_path.unlink(missing_ok=True)  # --overwrite: the old run's state belongs to another model
             save_config(cfg, stage)  # the weights follow with the step-0 checkpoint below
-    train_model = parallel.wrap(torch.compile(model) if args.compile else model, d)
+    compiled = args.compile and _compile_works(d.device)
+    train_model = parallel.wrap(torch.compile(model) if compiled else model, d)
 
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * d.world
     flops_per_step = model.flops_per_token(args.seq_len) * tokens_per_step
@@ -389,6 +392,35 @@ def _check_resume_arguments(args, saved: dict) -> None:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"--resume: {flag} is {getattr(args, name)!r} but the run was started with "
                             f"{saved[name]!r}; resume with the same value")
+
+
+def _compile_works(device: str) -> bool:
+    """torch.compile needs a compiler (on CPU a C++ one, for inductor's kernels): tried on a tiny function before
+    training, so that a machine without one trains eagerly, saying why, instead of failing at the first step."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, fullgraph=True)(torch.ones(4, device=device))
+        return True
+    except Exception as e:  # noqa: BLE001 - whatever inductor raises (InvalidCxxCompiler, CalledProcessError, ...)
+        print(f"nanoseek: torch.compile does not work here ({first_line(e)}); training without it", file=sys.stderr)
+        return False
+
+
+TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+"""Config fields a new run takes from its tokenizer, whatever --preset/--config/--set say."""
+
+
+def _check_resume_config(args, cfg: ModelConfig) -> None:
+    """A resumed run keeps its own model (config.json). --preset/--config/--set given with --resume must describe
+    that same model (the command that started the run, repeated), or the run is refused rather than their
+    request silently ignored."""
+    if not (args.preset or args.config or args.set):
+        return
+    asked, have = model_config(args).to_dict(), cfg.to_dict()
+    diff = [k for k in asked if k not in TOKENIZER_FIELDS and asked[k] != have.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}={asked[k]!r} (the run has {have.get(k)!r})" for k in diff[:3])
+        raise UserError(f"--resume continues the run's own model, but --preset/--config/--set ask for another: "
+                        f"{shown}{' ...' if len(diff) > 3 else ''}; drop them, or start again with --overwrite")
 
 
 def _jsonable(d: dict) -> dict:

@@ -232,6 +232,11 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     # arguments that fix the data and its saved position
     fails("--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY, "--seq-len", 16, match="--seq-len")
     fails("--run", run, "--max-steps", 8, "--resume", *TINY, match="--data")
+    # --resume keeps the run's own model: --preset/--set asking for another one is refused, not silently ignored
+    fails("--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY, "--set", "num_hidden_layers=3",
+          match="num_hidden_layers=3 (the run has 2)")
+    fails("--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY, "--preset", "dense",
+          match="--preset/--config/--set ask for another")
     # the disk fills up while saving: writes past 64 KB fail with EFBIG, as on a full disk
     limit = lambda: (signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
                      resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024)))
@@ -429,3 +434,45 @@ def test_divergence_stops_before_the_update_and_world_is_checked(tmp_path, corpu
     save_file(tensors, str(ckpt), metadata={**meta, "info": json.dumps({**info, "world": 2})})
     with pytest.raises(UserError, match="trained by 2 processes, not 1"):
         train(args("--resume"))
+
+
+def test_compiled_training_equals_eager(tmp_path, corpus, monkeypatch, compiler):
+    """--compile trains the same model: the losses of three compiled steps equal the eager run's (inductor may
+    order float sums differently, hence a tolerance)."""
+    import torch
+
+    from nanoseek.cli import build_parser
+    from nanoseek.pretrain import train
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # TINY's --threads 1: not for the whole session
+    losses = {}
+    for mode in ("eager", "compiled"):
+        run = tmp_path / mode
+        train(build_parser().parse_args(["pretrain", "--run", str(run), "--data", str(corpus), "--max-steps", "3",
+                                         *TINY, "--log-every", "1", *(["--compile"] if mode == "compiled" else [])]))
+        losses[mode] = [e["loss"] for e in metrics(run) if "loss" in e]
+    assert len(losses["eager"]) == 3
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-3)
+
+
+def test_compile_falls_back_to_eager_without_a_compiler(tmp_path, corpus, monkeypatch, capsys):
+    """--compile where torch.compile cannot build kernels (no C++ compiler) trains eagerly and says why, instead of
+    failing at the first step."""
+    import torch
+
+    from nanoseek.cli import build_parser
+    from nanoseek.pretrain import train
+
+    def no_compiler(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx\n"
+                               "more detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    _, summary = train(build_parser().parse_args(["pretrain", "--run", str(tmp_path / "run"), "--data", str(corpus),
+                                                  "--max-steps", "2", *TINY, "--compile"]))
+    assert summary["step"] == 2
+    assert ("torch.compile does not work here (InvalidCxxCompiler: No working C++ compiler found in "
+            "torch._inductor.config.cpp.cxx); training without it") in capsys.readouterr().err
