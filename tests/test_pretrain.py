@@ -21,6 +21,13 @@ TINY = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--vocab-siz
         "--eval-every", "10", "--threads", "1"]
 
 
+def pretrain_args(run, corpus, *extra):
+    """Parsed `nanoseek pretrain` arguments of a TINY run, for tests that call train() in-process."""
+    from nanoseek.cli import build_parser
+
+    return build_parser().parse_args(["pretrain", "--run", str(run), "--data", str(corpus), *TINY, *map(str, extra)])
+
+
 def nanoseek(*args, check=True, **kw):
     r = subprocess.run([sys.executable, "-m", "nanoseek", *map(str, args)], capture_output=True, text=True,
                        timeout=300, **kw)
@@ -405,13 +412,11 @@ def test_divergence_stops_before_the_update_and_world_is_checked(tmp_path, corpu
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from nanoseek.cli import build_parser
     from nanoseek.errors import UserError
     from nanoseek.pretrain import train
 
     run = tmp_path / "run"
-    args = lambda *extra: build_parser().parse_args(["pretrain", "--run", str(run), "--data", str(corpus),
-                                                      "--max-steps", "4", "--save-every", "2", *TINY, *extra])
+    args = lambda *extra: pretrain_args(run, corpus, "--max-steps", 4, "--save-every", 2, *extra)
     calls = {"n": 0}
     clip = torch.nn.utils.clip_grad_norm_
 
@@ -436,21 +441,21 @@ def test_divergence_stops_before_the_update_and_world_is_checked(tmp_path, corpu
         train(args("--resume"))
 
 
-def test_compiled_training_equals_eager(tmp_path, corpus, monkeypatch, compiler):
+def test_compiled_training_equals_eager(tmp_path, corpus, monkeypatch, capsys, compiler):
     """--compile trains the same model: the losses of three compiled steps equal the eager run's (inductor may
     order float sums differently, hence a tolerance)."""
     import torch
 
-    from nanoseek.cli import build_parser
     from nanoseek.pretrain import train
 
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # TINY's --threads 1: not for the whole session
     losses = {}
     for mode in ("eager", "compiled"):
         run = tmp_path / mode
-        train(build_parser().parse_args(["pretrain", "--run", str(run), "--data", str(corpus), "--max-steps", "3",
-                                         *TINY, "--log-every", "1", *(["--compile"] if mode == "compiled" else [])]))
+        compile_flag = ["--compile"] if mode == "compiled" else []
+        train(pretrain_args(run, corpus, "--max-steps", 3, "--log-every", 1, *compile_flag))
         losses[mode] = [e["loss"] for e in metrics(run) if "loss" in e]
+    assert "does not work here" not in capsys.readouterr().err  # it did compile
     assert len(losses["eager"]) == 3
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-3)
 
@@ -460,7 +465,6 @@ def test_compile_falls_back_to_eager_without_a_compiler(tmp_path, corpus, monkey
     failing at the first step."""
     import torch
 
-    from nanoseek.cli import build_parser
     from nanoseek.pretrain import train
 
     def no_compiler(fn, **kw):
@@ -471,8 +475,7 @@ def test_compile_falls_back_to_eager_without_a_compiler(tmp_path, corpus, monkey
 
     monkeypatch.setattr(torch, "compile", no_compiler)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    _, summary = train(build_parser().parse_args(["pretrain", "--run", str(tmp_path / "run"), "--data", str(corpus),
-                                                  "--max-steps", "2", *TINY, "--compile"]))
+    _, summary = train(pretrain_args(tmp_path / "run", corpus, "--max-steps", 2, "--compile"))
     assert summary["step"] == 2
     assert ("torch.compile does not work here (InvalidCxxCompiler: No working C++ compiler found in "
             "torch._inductor.config.cpp.cxx); training without it") in capsys.readouterr().err
