@@ -2,25 +2,24 @@
 
 At one or two tokens per step, decoding is bound neither by FLOPs nor by memory bandwidth but by per-operator
 overhead: the engine's eager fast path (engine.FastForward) issues ~1900 ATen calls per token for the 8M
-benchmark model, and each of its linears is a GEMM call that costs ~30 us for a few hundred KB of weights.
-Compiled, a step is one graph: inductor fuses the norms, RoPE, the latent attention and the SwiGLUs into a
-handful of C++ loops, and with one or two tokens every matrix-vector product is written as a fused reduction
-that streams the (fp32 or bf16) weights at cache speed instead of calling GEMM (measured on this 2-core CPU,
-generation end to end: 4.1 -> 1.0-1.3 ms per token). Up to 16 tokens (batches, speculative verification) the
-step stays in this form, with the number of tokens padded up to a static bucket (1, 2, 4, 8 or 16: a graph
-specialised to its size runs ~1.7x faster than one dynamic in it; inductor parallelises these reductions over
-the tokens). Beyond 16 the linears go back to GEMM (measured on the 8M benchmark model, greedy tokens/s of B
-sequences, GEMM form from 3 tokens vs buckets: B=3 583 vs 1287, 4: 805 vs 1701, 8: 1497 vs 2089, 16: 2455 vs
-2834). The routed experts stay fused reductions at every size, each token-expert pair reading its expert's
-weights: the exact FLOPs. Two batched matmuls over all experts and all tokens (weighted by the router, zero for
-the experts a token did not choose) do E/K times the FLOPs and were slower at every size measured: 32 sequences
-3263 vs 3891 tokens/s (bf16 weights: 3744 vs 4423), 64 sequences 3335 vs 4523 (4381 vs 5760).
+benchmark model. Compiled, a step is one graph: inductor fuses the norms, RoPE, the latent attention and the
+SwiGLUs' elementwise work into a handful of C++ loops around the linears (generation end to end: 4.1 -> ~1.3 ms
+per token on this 2-core CPU). For one token a linear is a fused reduction that streams its weight once, in the
+weight's dtype; for more tokens a reduction reads the weight once per token, and a GEMM call (a few microseconds
+from the graph) reads it once for all, so from two tokens the linears are GEMMs (the Intel Xeon with AMX, 8M
+benchmark model, one compiled step of N tokens, GEMM vs reductions, float32 weights: N=1 1.01 vs 0.99 ms, 2:
+1.26 vs 1.52, 4: 1.49 vs 1.98, 8: 1.79 vs 2.66). bfloat16 weights halve the bytes a reduction streams but make
+GEMMs of few rows slow (N=2: 1.74 vs 1.08 ms; 4: 1.86 vs 1.49), so with them two tokens are reductions too. The
+routed experts are fused reductions at every count, each token-expert pair reading its expert's weights: the
+exact FLOPs. Two batched matmuls over all experts and all tokens (weighted by the router, zero for the experts a
+token did not choose) do E/K times the FLOPs and were slower (4 tokens 1.86 vs 1.57 ms, 32 sequences 4.0 vs 3.5).
 
-Shapes are static except the key length and, beyond the buckets, the number of tokens: at most six graphs per
-module (main model, MTP module) serve a whole session; each compiles on first use or in Engine.warm_up()
-(~10-30 s on two cores, a few seconds once torch's on-disk cache has it). Prefill stays eager. The weights
-are folded once for absorbed MLA (the same folding as the eager fast path) and passed to the graphs as inputs,
-so refolded weights after training reuse the compiled graphs.
+Shapes are static except the key length and the number of tokens: two graphs per module (main model, MTP
+module) and weight dtype serve a whole session, one for a single token (torch specialises size 1) and one for
+any other count (bfloat16 weights: a third for two); each compiles on first use or in Engine.warm_up() (~10-30 s
+on two cores, a few seconds once torch's on-disk cache has it). Prefill stays eager. The weights are folded once
+for absorbed MLA (the same folding as the eager fast path) and passed to the graphs as inputs, so refolded
+weights after training reuse the compiled graphs.
 
 Shapes: N tokens (a batch's sequences times the new tokens of each, flattened), T key length, H hidden,
 E routed experts, K experts per token.
@@ -35,8 +34,6 @@ import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
 from nanoseek.model import MoE, NanoSeek, apply_rope, route
-
-BUCKETS = (1, 2, 4, 8, 16)  # token counts with their own static graph (fused reductions); beyond, GEMMs
 
 
 class LayerWeights(NamedTuple):
@@ -144,17 +141,18 @@ def fold_model(model: NanoSeek, dtype: torch.dtype) -> ModelWeights:
 
 # --- the graphs (traced by torch.compile; also runnable eagerly) ------------------------------------------
 
-def _linear(x: torch.Tensor, w: torch.Tensor, small: bool) -> torch.Tensor:
-    """x [N, in] fp32, w [out, in] -> [N, out] fp32. small: a reduction inductor fuses with its neighbours and
-    vectorises (the weight is read once per token, which is all a matrix-vector product needs)."""
-    if small:
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [N, in] fp32, w [out, in] -> [N, out] fp32. One token (two with bf16 weights): a reduction inductor
+    fuses with its neighbours, streaming the weight in its own dtype once per token; more: a GEMM call, which
+    reads the weight once for all (see the module docstring)."""
+    if x.shape[0] == 1 or (w.dtype == torch.bfloat16 and x.shape[0] == 2):
         return (x.unsqueeze(-2) * w.float()).sum(-1)
     return F.linear(x.to(w.dtype), w).float()
 
 
-def _swiglu(x, gate_up, down, small):
-    gate, up = _linear(x, gate_up, small).chunk(2, -1)
-    return _linear(F.silu(gate) * up, down, small)
+def _swiglu(x, gate_up, down):
+    gate, up = _linear(x, gate_up).chunk(2, -1)
+    return _linear(F.silu(gate) * up, down)
 
 
 def _experts(x, weights, idx, gate_up, down):
@@ -169,14 +167,14 @@ def _experts(x, weights, idx, gate_up, down):
     return (y.view(N, K, -1) * weights.unsqueeze(-1)).sum(1)
 
 
-def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache, small):
+def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache):
     """One decoder layer for N new tokens: token n is at position pos[n] of cache row rows[n] and sees the keys
     visible[n] [T]. Writes the tokens' latents into the cache first, so tokens of one sequence see each other."""
     N = h.shape[0]
     x = F.rms_norm(h, h.shape[-1:], p.norm1, p.eps)
-    a, c_kv, k_rot = _linear(x, p.w_in, small).split(p.split, -1)
+    a, c_kv, k_rot = _linear(x, p.w_in).split(p.split, -1)
     if p.w_q is not None:
-        a = _linear(F.rms_norm(a, a.shape[-1:], p.q_norm, p.latent_eps), p.w_q, small)
+        a = _linear(F.rms_norm(a, a.shape[-1:], p.q_norm, p.latent_eps), p.w_q)
     q = a.view(N, p.nh, p.dc + p.dr)
     q = torch.cat((q[..., : p.dc], apply_rope(q[..., p.dc:], cos[:, None], sin[:, None])), -1)
     latent = torch.cat((F.rms_norm(c_kv, c_kv.shape[-1:], p.kv_norm, p.latent_eps), apply_rope(k_rot, cos, sin)), -1)
@@ -185,66 +183,48 @@ def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache, small):
     # MQA over the latent: every head attends to the same [c_kv ; k_rot]; the value is c_kv itself
     scores = torch.einsum("nhc,ntc->nht", q, kv).masked_fill(~visible[:, None], float("-inf"))
     o = torch.einsum("nht,ntc->nhc", scores.softmax(-1), kv[..., : p.dc])
-    h = h + _linear(o.reshape(N, -1), p.w_o, small)
+    h = h + _linear(o.reshape(N, -1), p.w_o)
     x = F.rms_norm(h, h.shape[-1:], p.norm2, p.eps)
-    y = _swiglu(x, p.gate_up, p.down, small) if p.gate_up is not None else torch.zeros_like(x)
+    y = _swiglu(x, p.gate_up, p.down) if p.gate_up is not None else torch.zeros_like(x)
     if p.router is not None:
         weights, idx, _ = route(x, p.router, p.bias, cfg)
         y = y + _experts(x, weights, idx, p.experts_gate_up, p.experts_down)
     return h + y
 
 
-def _main(w: ModelWeights, ids, rows, pos, visible, caches, small):
+def _main(w: ModelWeights, ids, rows, pos, visible, caches):
     """-> final-normed hidden states [N, H] and logits [N, V] (fp32)."""
     cos, sin = w.cos[pos], w.sin[pos]
     h = w.embed[ids].float()
     for p, cache in zip(w.layers, caches):
-        h = _layer(p, w.cfg, h, cos, sin, rows, pos, visible, cache, small)
+        h = _layer(p, w.cfg, h, cos, sin, rows, pos, visible, cache)
     h = F.rms_norm(h, h.shape[-1:], w.norm, w.eps)
-    return h, _linear(h, w.head, small)
+    return h, _linear(h, w.head)
 
 
-def _mtp(w: ModelWeights, h_prev, ids, rows, pos, visible, cache, small):
+def _mtp(w: ModelWeights, h_prev, ids, rows, pos, visible, cache):
     """The MTP module on pairs (h_prev[n], token ids[n]) -> its hidden states [N, H] (before its norm) and the
     logits of its draft [N, V]."""
     m = w.mtp
     cos, sin = w.cos[pos], w.sin[pos]
     emb = F.rms_norm(w.embed[ids].float(), h_prev.shape[-1:], m.enorm, m.eps)
-    x = _linear(torch.cat((emb, F.rms_norm(h_prev.float(), h_prev.shape[-1:], m.hnorm, m.eps)), -1), m.eh_proj, small)
-    h = _layer(m.layer, w.cfg, x, cos, sin, rows, pos, visible, cache, small)
-    return h, _linear(F.rms_norm(h, h.shape[-1:], m.norm, m.eps), w.head, small)
+    x = _linear(torch.cat((emb, F.rms_norm(h_prev.float(), h_prev.shape[-1:], m.hnorm, m.eps)), -1), m.eh_proj)
+    h = _layer(m.layer, w.cfg, x, cos, sin, rows, pos, visible, cache)
+    return h, _linear(F.rms_norm(h, h.shape[-1:], m.norm, m.eps), w.head)
 
 
-def _main_small(*args):
-    return _main(*args, small=True)
-
-
-def _main_large(*args):
-    return _main(*args, small=False)
-
-
-def _mtp_small(*args):
-    return _mtp(*args, small=True)
-
-
-def _mtp_large(*args):
-    return _mtp(*args, small=False)
-
-
-_STEPS = {(_main, True): _main_small, (_main, False): _main_large, (_mtp, True): _mtp_small,
-          (_mtp, False): _mtp_large}
 _GRAPHS: dict = {}  # compiled once per process: refolded weights (new tensors, same shapes) reuse the graphs
 
 
-def _graph(fn, small: bool):
-    if (fn, small) not in _GRAPHS:
-        # one graph per bucket and weight dtype: more than dynamo's default limit of 8 per function (named
-        # cache_size_limit before torch 2.7)
+def _graph(fn):
+    if fn not in _GRAPHS:
+        # graphs per weight dtype, cache dtype and one/many tokens: more than dynamo's default limit of 8 per
+        # function (named cache_size_limit before torch 2.7) in a process that runs several engines
         cfg = torch._dynamo.config
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         setattr(cfg, name, max(getattr(cfg, name), 32))
-        _GRAPHS[fn, small] = torch.compile(_STEPS[fn, small], dynamic=False, fullgraph=True)
-    return _GRAPHS[fn, small]
+        _GRAPHS[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _GRAPHS[fn]
 
 
 class CompiledSteps:
@@ -269,15 +249,9 @@ class CompiledSteps:
         if visible.shape[1] == 1:  # a one-key graph would be compiled apart (size 1 is specialised): pad
             visible = F.pad(visible, (0, 1))
         inputs = (*h_prev, ids.reshape(-1), rows, pos, visible)
-        bucket = next((b for b in BUCKETS if b >= N), None)
-        if bucket is not None and bucket > N:
-            # pad to the bucket's static size by repeating the last token: the copies compute the same values
-            # and write the same cache entry
-            pick = torch.arange(bucket, device=ids.device).clamp(max=N - 1)
-            inputs = tuple(t[pick] for t in inputs)
-        torch._dynamo.maybe_mark_dynamic(inputs[-1], 1)
-        if bucket is None:
+        torch._dynamo.maybe_mark_dynamic(visible, 1)
+        if N > 1:  # one graph for every token count but 1
             for t in inputs:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
-        h, logits = _graph(fn, bucket is not None)(self.weights, *inputs, buffers)
-        return h[:N].view(B, S, -1), logits[:N].view(B, S, -1)
+        h, logits = _graph(fn)(self.weights, *inputs, buffers)
+        return h.view(B, S, -1), logits.view(B, S, -1)

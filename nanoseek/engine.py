@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nanoseek.decode import BUCKETS, CompiledSteps, LayerWeights, fold_model
+from nanoseek.decode import CompiledSteps, LayerWeights, fold_model
 from nanoseek.errors import UserError, first_line
 from nanoseek.model import NanoSeek, route
 
 IMPLS = ("fast", "absorbed", "naive")
 MAX_TOP_LOGPROBS = 20  # alternatives per position at most (OpenAI's and vLLM's limit)
 PROMPT_LOGPROBS_LOGITS = 1 << 24  # logits per output-head matmul when scoring a prompt (positions x vocabulary)
+COMPILED_PREFILL_PAIRS = 1 << 18  # new tokens x keys up to which a compiled engine prefills through its graph
 PADDED_MOE_MAX = 1024  # token-expert pairs up to which the fast MoE pads all experts into batched matmuls
 # (from n_routed_experts pairs up: below that most experts get no token, and their weights need not be read)
 
@@ -248,6 +249,9 @@ class _Forward:
     def decode(self, ids, positions, cache):
         h = self.hidden(ids, positions, cache)
         return h, self.logits(h)
+
+    def prefill(self, ids, positions, cache):
+        return self.hidden(ids, positions, cache)
 
     def mtp_decode(self, h_prev, next_ids, positions, cache):
         h = self.mtp_hidden(h_prev, next_ids, positions, cache)
@@ -456,6 +460,13 @@ class FastForward(_Forward):
     def mtp_logits(self, h):
         return self.head(_norm(h, self.w.mtp.norm, self.w.mtp.eps)).float()
 
+    def prefill(self, ids, positions, cache):
+        """A prompt's final hidden states: through the compiled step when its attention is small enough (every
+        new token attends over the gathered keys, [tokens, keys, latent] numbers), else eagerly."""
+        if self.compiled is not None and ids.numel() * cache.T <= COMPILED_PREFILL_PAIRS:
+            return self.decode(ids, positions, cache)[0]
+        return self.hidden(ids, positions, cache)
+
     def decode(self, ids, positions, cache):
         if self.compiled is not None:
             try:
@@ -608,9 +619,8 @@ class Engine:
         """Decode a few tokens alone and in a batch, so that torch.compile builds its graphs now rather than
         during the first requests (a no-op cost without compile: a few milliseconds)."""
         params = SamplingParams(temperature=0, max_new_tokens=4)
-        for n in (*BUCKETS, BUCKETS[-1] + 1):  # each bucket's graph, then the GEMM graph of more tokens
-            if n <= self.cache.max_batch:
-                self.generate([[0, 1]] * n, params)
+        for n in range(1, min(3, self.cache.max_batch) + 1):  # a graph for 1 token, 2 (bf16 weights), any other
+            self.generate([[0, 1]] * n, params)
         self.stats = {"drafted": 0, "accepted": 0}
 
     # -- requests
@@ -723,7 +733,7 @@ class Engine:
             ids[b, : len(s.prompt)] = torch.tensor(s.prompt)
         ids = ids.to(self.cache.device)
         positions = self.cache.begin(slots, ids.shape[1])
-        h = self.forward.hidden(ids, positions, self.cache)  # [B, S, H]
+        h = self.forward.prefill(ids, positions, self.cache)  # [B, S, H]
         self.cache.advance(slots, lens)
         last = torch.tensor(lens, device=h.device) - 1
         logits = self.forward.logits(h[torch.arange(len(seqs)), last])  # [B, V]: only the last position

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nanoseek import decode
+from nanoseek import engine as engine_module
 from nanoseek.config import preset
 from nanoseek.engine import Engine, KVCache, SamplingParams
 from nanoseek.errors import UserError
@@ -450,11 +451,9 @@ def test_speculative_sampling_keeps_the_target_distribution(model):
 
 # --- decode steps through torch.compile (decode.py): each graph compiles once per session (~10-20 s here)
 
-@pytest.mark.parametrize("buckets", [decode.BUCKETS, (1,)])
-def test_compiled_decoding_equals_eager_alone_and_batched(trained, buckets, monkeypatch, compiler):
-    """One sequence and three: fused-reduction graphs (three padded to the bucket of four), and with buckets
-    (1,) three take the GEMM graph."""
-    monkeypatch.setattr(decode, "BUCKETS", buckets)
+def test_compiled_decoding_equals_eager_alone_and_batched(trained, compiler):
+    """One sequence (the one-token graph) and three (the graph of every other token count: two sequences then
+    compile nothing new)."""
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9]]
     params = SamplingParams(temperature=0, max_new_tokens=20)
     eager = Engine(trained, max_batch=3).generate(prompts, params)
@@ -465,6 +464,23 @@ def test_compiled_decoding_equals_eager_alone_and_batched(trained, buckets, monk
         assert [o.tokens for o in out] == [o.tokens for o in eager]
         for a, b in zip(out, eager):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert [o.tokens for o in engine.generate(prompts[1:], params)] == [o.tokens for o in eager[1:]]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_engine_prefills_through_its_graph_up_to_the_limit(trained, monkeypatch, compiler):
+    """A compiled engine prefills a prompt through its compiled step, and eagerly beyond COMPILED_PREFILL_PAIRS
+    (new tokens x keys); the same tokens either way."""
+    prompt, params = [1, 2, 3, 4, 5, 6, 7], SamplingParams(temperature=0, max_new_tokens=8)
+    engine = Engine(trained, max_batch=1, compile=True)
+    expected = engine.generate([prompt], params)[0].tokens
+    eager_calls = []
+    hidden = engine.forward.hidden
+    monkeypatch.setattr(engine.forward, "hidden", lambda *a: eager_calls.append(1) or hidden(*a))
+    assert engine.generate([prompt], params)[0].tokens == expected and not eager_calls
+    monkeypatch.setattr(engine_module, "COMPILED_PREFILL_PAIRS", len(prompt) ** 2 - 1)
+    assert engine.generate([prompt], params)[0].tokens == expected and len(eager_calls) == 1
 
 
 def test_compiled_speculative_decoding_equals_plain_greedy(trained, compiler):
@@ -494,7 +510,7 @@ def test_compiled_graphs_follow_retrained_weights_without_recompiling(trained, c
 def test_compile_falls_back_to_eager_when_the_compiler_fails(trained, monkeypatch, capsys):
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: no C++ compiler")
-    monkeypatch.setattr(decode, "_graph", lambda fn, small: broken)
+    monkeypatch.setattr(decode, "_graph", lambda fn: broken)
     engine = Engine(trained, max_batch=1, compile=True)
     out = engine.generate([[1, 2]], GREEDY)[0]
     assert out.tokens == greedy_reference(trained, [1, 2], 12)
