@@ -470,8 +470,8 @@ def test_compiled_decoding_equals_eager_alone_and_batched(trained, compiler):
 
 
 def test_compiled_engine_prefills_through_its_graph_up_to_the_limit(trained, monkeypatch, compiler):
-    """A compiled engine prefills a prompt through its compiled step, and eagerly beyond COMPILED_PREFILL_PAIRS
-    (new tokens x keys); the same tokens either way."""
+    """A compiled engine prefills a prompt through its compiled step, and eagerly beyond COMPILED_PREFILL_TOKENS;
+    the same tokens either way."""
     prompt, params = [1, 2, 3, 4, 5, 6, 7], SamplingParams(temperature=0, max_new_tokens=8)
     engine = Engine(trained, max_batch=1, compile=True)
     expected = engine.generate([prompt], params)[0].tokens
@@ -479,7 +479,7 @@ def test_compiled_engine_prefills_through_its_graph_up_to_the_limit(trained, mon
     hidden = engine.forward.hidden
     monkeypatch.setattr(engine.forward, "hidden", lambda *a: eager_calls.append(1) or hidden(*a))
     assert engine.generate([prompt], params)[0].tokens == expected and not eager_calls
-    monkeypatch.setattr(engine_module, "COMPILED_PREFILL_PAIRS", len(prompt) ** 2 - 1)
+    monkeypatch.setattr(engine_module, "COMPILED_PREFILL_TOKENS", len(prompt) - 1)
     assert engine.generate([prompt], params)[0].tokens == expected and len(eager_calls) == 1
 
 
