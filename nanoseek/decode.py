@@ -17,9 +17,9 @@ token did not choose) do E/K times the FLOPs and were slower (4 tokens 1.86 vs 1
 Shapes are static except the key length and the number of tokens: two graphs per module (main model, MTP
 module) and weight dtype serve a whole session, one for a single token (torch specialises size 1) and one for
 any other count (bfloat16 weights: a third for two); each compiles on first use or in Engine.warm_up() (~10-30 s
-on two cores, a few seconds once torch's on-disk cache has it). Prefill stays eager. The weights are folded once
-for absorbed MLA (the same folding as the eager fast path) and passed to the graphs as inputs, so refolded
-weights after training reuse the compiled graphs.
+on two cores, a few seconds once torch's on-disk cache has it). The engine prefills short prompts through them
+too. The weights are folded once for absorbed MLA (the same folding as the eager fast path) and passed to the
+graphs as inputs, so refolded weights after training reuse the compiled graphs.
 
 Shapes: N tokens (a batch's sequences times the new tokens of each, flattened), T key length, H hidden,
 E routed experts, K experts per token.

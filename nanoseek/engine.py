@@ -19,7 +19,7 @@ interchangeable forward implementations, tested against each other:
   "absorbed" - the model's own absorbed form (model.hidden(absorb=True)), the reference for "fast";
   "naive"    - the model's naive form, expanding per-head K/V from the cached latent (the reference of both).
 With compile=True the fast path's decode steps run as torch.compile'd graphs (decode.py), ~3x faster per token
-for one sequence; prefill stays eager.
+for one sequence; prefills of up to COMPILED_PREFILL_TOKENS tokens run through them too.
 
 Not thread-safe: drive one engine from one thread (the server's event loop thread does). Shapes: B batch
 (sequences in this forward), S new tokens per sequence, T key length, H hidden, V vocab.
