@@ -259,6 +259,14 @@ class _Forward:
         h = self.mtp_hidden(h_prev, next_ids, positions, cache)
         return h, self.mtp_logits(h)
 
+    def speculate(self, h_prev, mtp_ids, last, ids, mtp_cache, cache):
+        """A greedy speculative step (Engine._speculate), both caches begun for two tokens per sequence: the MTP
+        module takes the pairs (h_prev [B, 2, H], mtp_ids [B, 2]) and drafts the argmax at pair last[b]; the main
+        model runs [ids[b], draft[b]]. -> drafts [B], hidden states [B, 2, H], logits [B, 2, V]."""
+        _, q = self.mtp_decode(h_prev, mtp_ids, mtp_cache.positions, mtp_cache)
+        drafts = q[torch.arange(len(last)), last].argmax(-1)
+        return drafts, *self.decode(torch.stack((ids, drafts), 1), cache.positions, cache)
+
 
 class _ModelForward(_Forward):
     """The model's own forward (absorbed or naive MLA): the reference implementations."""
@@ -483,6 +491,14 @@ class FastForward(_Forward):
             except Exception as e:  # noqa: BLE001
                 self._without_compile(e)
         return super().mtp_decode(h_prev, next_ids, positions, cache)
+
+    def speculate(self, h_prev, mtp_ids, last, ids, mtp_cache, cache):
+        if self.compiled is not None:
+            try:
+                return self.compiled.speculate(h_prev, mtp_ids, last, ids, mtp_cache, cache)
+            except Exception as e:  # noqa: BLE001
+                self._without_compile(e)
+        return super().speculate(h_prev, mtp_ids, last, ids, mtp_cache, cache)
 
     def _without_compile(self, error: Exception) -> None:
         """torch.compile failed (a graph writes the cache only for the positions the eager step rewrites): decode
@@ -863,49 +879,52 @@ class Engine:
         min(1, p/q), else sample from max(p - q, 0))."""
         B, slots = len(seqs), [s.slot for s in seqs]
         fwd, device = self.forward, self.cache.device
-        # 1. the MTP module takes the one or two (hidden, token) pairs it has not seen; the last one drafts
+        # the MTP module takes the one or two (hidden, token) pairs it has not seen, padded to two (a padding
+        # pair's cache entry is masked, then overwritten); the last one drafts
         n = [len(s.mtp_ids) for s in seqs]
-        S = max(n)
-        h_prev = torch.zeros(B, S, seqs[0].mtp_h.shape[-1], dtype=seqs[0].mtp_h.dtype, device=device)
-        next_ids = torch.zeros(B, S, dtype=torch.long)
+        h_prev = torch.zeros(B, 2, seqs[0].mtp_h.shape[-1], dtype=seqs[0].mtp_h.dtype, device=device)
+        mtp_ids = torch.zeros(B, 2, dtype=torch.long)
         for b, s in enumerate(seqs):
             h_prev[b, : n[b]] = s.mtp_h
-            next_ids[b, : n[b]] = torch.tensor(s.mtp_ids)
-        positions = self.mtp_cache.begin(slots, S)
-        _, q_logits = fwd.mtp_decode(h_prev, next_ids.to(device), positions, self.mtp_cache)
-        self.mtp_cache.advance(slots, n)
-        q_logits = q_logits[torch.arange(B), torch.tensor(n, device=device) - 1]  # [B, V]
-        q_logits = self._penalized(q_logits[:, None], seqs)[:, 0]
-        drafts = q_logits.argmax(-1)
-        q_probs = {}
-        for b, s in enumerate(seqs):
-            if not s.params.greedy:
-                q_probs[b] = filtered_probs(q_logits[b], s.params)
+            mtp_ids[b, : n[b]] = torch.tensor(s.mtp_ids)
+        mtp_ids, last = mtp_ids.to(device), torch.tensor(n, device=device) - 1
+        ids = torch.tensor([s.last for s in seqs], device=device)
+        mtp_positions, positions = self.mtp_cache.begin(slots, 2), self.cache.begin(slots, 2)
+        sampled = {b: s for b, s in enumerate(seqs) if not s.params.greedy}
+        if sampled or any(s.params.penalized for s in seqs):
+            _, q_logits = fwd.mtp_decode(h_prev, mtp_ids, mtp_positions, self.mtp_cache)
+            q_logits = self._penalized(q_logits[torch.arange(B), last][:, None], seqs)[:, 0]
+            drafts = q_logits.argmax(-1)
+            q_probs = {b: filtered_probs(q_logits[b], s.params) for b, s in sampled.items()}
+            for b, s in sampled.items():
                 drafts[b] = draw(q_probs[b][None], [s.generator])[0]
-        # 2. the main model verifies: logits at [t_n, draft] predict tokens n+1 and n+2
-        ids = torch.stack((torch.tensor([s.last for s in seqs], device=device), drafts), 1)  # [B, 2]
-        positions = self.cache.begin(slots, 2)
-        h, logits = fwd.decode(ids, positions, self.cache)  # [B, 2, H], [B, 2, V]
+            # the main model verifies: logits at [t_n, draft] predict tokens n+1 and n+2
+            h, logits = fwd.decode(torch.stack((ids, drafts), 1), positions, self.cache)  # [B, 2, H], [B, 2, V]
+        else:  # all greedy: the same in one call (one compiled graph)
+            drafts, h, logits = fwd.speculate(h_prev, mtp_ids, last, ids, self.mtp_cache, self.cache)
+        self.mtp_cache.advance(slots, n)
         logp = logits.log_softmax(-1)
         drafts_l = drafts.tolist()
         logits = self._penalized(logits, seqs, drafts_l)
-        best_l = logits.argmax(-1).tolist()  # [B, 2]
-        # 3. accept or reject per sequence
+        best = logits.argmax(-1)  # [B, 2]
+        best_l, best_lp = best.tolist(), logp.gather(-1, best[..., None])[..., 0].tolist()
+        # accept or reject per sequence
         events = []
         for b, s in enumerate(seqs):
             d = drafts_l[b]
-            if s.params.greedy:
-                ok, first, second = best_l[b][0] == d, best_l[b][0], best_l[b][1]
-            else:
+            if b in sampled:
                 ok, first, second = self._verify_sampled(s, d, q_probs[b], logits[b])
+                new = [d, second] if ok else [first]
+                lps = logp[b, torch.arange(len(new)), torch.tensor(new)].tolist()
+            else:  # accepted: the draft was the main model's choice, and the next token comes with it
+                ok = best_l[b][0] == d
+                new, lps = best_l[b][: 1 + ok], best_lp[b][: 1 + ok]
             self.stats["drafted"] += 1
             self.stats["accepted"] += ok
-            new = [d, second] if ok else [first]
             self.cache.advance([s.slot], [len(new)])  # a rejected draft's entry is stale: masked, overwritten
             s.mtp_h, s.mtp_ids = h[b, : len(new)], new
             k = s.params.top_logprobs
-            events += self._emit(s, new, logp[b, torch.arange(len(new)), torch.tensor(new)].tolist(),
-                                 _top(logp[b, : len(new)], k) if k else [None] * len(new))
+            events += self._emit(s, new, lps, _top(logp[b, : len(new)], k) if k else [None] * len(new))
         return events
 
     def _verify_sampled(self, s: _Sequence, d: int, q: torch.Tensor, logits: torch.Tensor):

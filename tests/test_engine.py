@@ -428,10 +428,11 @@ def test_speculative_mtp_cache_matches_the_training_forward(trained):
 
 
 def test_speculative_sampling_with_top_k_1_equals_greedy(trained):
-    prompts = [[2, 4, 6], [11]]
+    """Also in a batch with a greedy sequence (a sampled one takes the steps' general path)."""
+    prompts = [[2, 4, 6], [11], [7, 8]]
     one = SamplingParams(temperature=0.7, top_k=1, seed=0, max_new_tokens=30)
-    spec = Engine(trained, max_batch=2, speculative=True).generate(prompts, one)
-    assert [o.tokens for o in spec] == [greedy_reference(trained, p, 30) for p in prompts]
+    spec = Engine(trained, max_batch=3, speculative=True).generate(prompts, [one, one, GREEDY])
+    assert [o.tokens for o in spec] == [greedy_reference(trained, p, len(o.tokens)) for p, o in zip(prompts, spec)]
 
 
 def test_speculative_sampling_keeps_the_target_distribution(model):
@@ -483,10 +484,13 @@ def test_compiled_engine_prefills_through_its_graph_up_to_the_limit(trained, mon
     assert engine.generate([prompt], params)[0].tokens == expected and len(eager_calls) == 1
 
 
-def test_compiled_speculative_decoding_equals_plain_greedy(trained, compiler):
+def test_compiled_speculative_decoding_equals_plain_greedy(trained, monkeypatch, compiler):
+    """Greedy speculative steps run as one graph each (draft and verification): the MTP module's own compiled step
+    is not called."""
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9]]
     params = SamplingParams(temperature=0, max_new_tokens=30)
     plain = [o.tokens for o in Engine(trained, max_batch=3).generate(prompts, params)]
+    monkeypatch.setattr(decode.CompiledSteps, "mtp", None)  # a call fails: the engine would stop compiling
     for batch in (1, 3):
         engine = Engine(trained, max_batch=batch, speculative=True, compile=True)
         out = [c.tokens for i in range(0, 3, batch) for c in engine.generate(prompts[i: i + batch], params)]
