@@ -262,6 +262,7 @@ def train(args):
         return {"step": step, "time": round(train_time, 3), "tokens": tokens_seen, **r}
 
     def save() -> None:
+        error = None
         if d.main:
             info = {"step": step, "train_time": train_time, "tokens": tokens_seen, "loader": loader.state_dict(),
                     "world": d.world, "tokenizer_sha": tokenizer_fingerprint(tok),
@@ -270,8 +271,11 @@ def train(args):
                 save_training_state(ckpt_path, model, opt.state_dict(), info)
                 save_model(model, stage)
             except CheckpointError as e:
-                raise UserError(f"{e}; the previous checkpoint in {stage} is intact") from None
-        parallel.barrier(d)
+                error = f"{e}; the previous checkpoint in {stage} is intact"
+        # every rank learns whether rank 0 saved, and all stop if it could not (at a barrier the others would wait
+        # for it until torchrun killed them)
+        if parallel.max_over_ranks([error is not None], d)[0]:
+            raise UserError(error or f"rank 0 could not save the checkpoint in {stage}; the previous one is intact")
 
     if not args.resume:  # a run killed before its first periodic checkpoint resumes from step 0 (make demo does)
         save()
