@@ -1,8 +1,8 @@
 """Distributed training, applied from outside the model: `torchrun --nproc_per_node=N -m nanoseek pretrain`.
 
 DDP (NCCL on GPUs, gloo on CPUs). The model code never sees torch.distributed; the trainer calls these
-helpers: wrap the model, all-reduce the expert loads before the bias update (so every rank moves its
-biases identically), average logged figures, print from rank 0 only.
+helpers: wrap the model, run the set-up and the saving on rank 0 (on_main), all-reduce the expert loads before the
+bias update (so every rank moves its biases identically), average logged figures, print from rank 0 only.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from nanoseek.errors import UserError
 
 
 @dataclass
@@ -37,7 +39,7 @@ def init(device: str) -> Dist:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     if not dist.is_initialized():
-        # a long timeout: the other ranks wait at a barrier while rank 0 trains the tokenizer and tokenizes the
+        # a long timeout: the other ranks wait (on_main) while rank 0 trains the tokenizer and tokenizes the
         # corpus, which takes longer than the default 10 minutes (NCCL) on a large corpus
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(hours=2))
@@ -93,9 +95,19 @@ def sync_expert_load(model, d: Dist) -> None:
                 m.copy_(part)
 
 
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
+def on_main(d: Dist, fn, failure: str):
+    """fn() on rank 0 only, the other ranks waiting; returns its result there (None elsewhere). When it raises a
+    UserError every rank raises one (rank 0 its own, the others "rank 0 could not <failure>"): at a barrier they
+    would wait until rank 0's exit broke it."""
+    result, error = None, None
+    if d.main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    if max_over_ranks([error is not None], d)[0]:
+        raise error or UserError(f"rank 0 could not {failure}")
+    return result
 
 
 def shutdown(d: Dist) -> None:

@@ -187,11 +187,14 @@ def train(args):
         _check_resume_config(args, cfg)
     else:
         cfg = model_config(args)
-    if d.main:
+    def prepare():
         tok = ensure_tokenizer(args, run_dir, args.vocab_size or cfg.vocab_size)
-        meta = ensure_data(args, run_dir, tok, args.seq_len + 1)
-    parallel.barrier(d)
-    if not d.main:
+        return tok, ensure_data(args, run_dir, tok, args.seq_len + 1)
+
+    prepared = parallel.on_main(d, prepare, "prepare the tokenizer and the data")
+    if d.main:
+        tok, meta = prepared
+    else:
         tok = Tokenizer.load(run_dir / "tokenizer")
         meta = json.loads((run_dir / "data" / "meta.json").read_text())
     if args.resume and info.get("tokenizer_sha") != tokenizer_fingerprint(tok):
@@ -262,8 +265,7 @@ def train(args):
         return {"step": step, "time": round(train_time, 3), "tokens": tokens_seen, **r}
 
     def save() -> None:
-        error = None
-        if d.main:
+        def write():
             info = {"step": step, "train_time": train_time, "tokens": tokens_seen, "loader": loader.state_dict(),
                     "world": d.world, "tokenizer_sha": tokenizer_fingerprint(tok),
                     "data_sha": meta["train"].get("sha256"), "args": _jsonable(vars(args))}
@@ -271,11 +273,9 @@ def train(args):
                 save_training_state(ckpt_path, model, opt.state_dict(), info)
                 save_model(model, stage)
             except CheckpointError as e:
-                error = f"{e}; the previous checkpoint in {stage} is intact"
-        # every rank learns whether rank 0 saved, and all stop if it could not (at a barrier the others would wait
-        # for it until torchrun killed them)
-        if parallel.max_over_ranks([error is not None], d)[0]:
-            raise UserError(error or f"rank 0 could not save the checkpoint in {stage}; the previous one is intact")
+                raise UserError(f"{e}; the previous checkpoint in {stage} is intact") from None
+
+        parallel.on_main(d, write, f"save the checkpoint in {stage}; the previous one is intact")
 
     if not args.resume:  # a run killed before its first periodic checkpoint resumes from step 0 (make demo does)
         save()

@@ -63,3 +63,10 @@ def test_two_ranks_match_one_process(tmp_path):
     assert r.returncode != 0
     assert "could not write" in r.stderr and "rank 0 could not save the checkpoint" in r.stderr, r.stderr[-3000:]
     assert (tmp_path / "r2" / "base" / "checkpoint.safetensors").read_bytes() == before
+    # and a corpus rank 0 cannot use stops both ranks before training
+    (tmp_path / "empty.txt").write_text("")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
+                        ddp, "--run-dir", tmp_path / "r3", *common, "--data", tmp_path / "empty.txt"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0
+    assert "rank 0 could not prepare the tokenizer and the data" in r.stderr, r.stderr[-3000:]
