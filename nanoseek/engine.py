@@ -415,9 +415,9 @@ class FastForward(_Forward):
     in float32.
 
     The weights are copies (about one more model in memory), taken when built: `stale()` tells when the
-    model's parameters changed since (RL updates them), and the Engine then rebuilds. compile: decode() and
-    mtp_decode() run the same folded weights through decode.CompiledSteps (prefill stays here); if torch.compile
-    fails (no C++ compiler, say), it says why once and decodes eagerly.
+    model's parameters changed since (RL updates them), and the Engine then rebuilds. compile: decode(),
+    mtp_decode(), speculate() and short prefills run the same folded weights through decode.CompiledSteps (longer
+    prefills stay here); if torch.compile fails (no C++ compiler, say), it says why once and decodes eagerly.
     """
 
     def __init__(self, model: NanoSeek, dtype: torch.dtype = torch.float32, compile: bool = False):
