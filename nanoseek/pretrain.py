@@ -187,6 +187,7 @@ def train(args):
         _check_resume_config(args, cfg)
     else:
         cfg = model_config(args)
+
     def prepare():
         tok = ensure_tokenizer(args, run_dir, args.vocab_size or cfg.vocab_size)
         return tok, ensure_data(args, run_dir, tok, args.seq_len + 1)

@@ -1,6 +1,8 @@
-"""Shared test data: a small synthetic corpus, made here (tests never read the network)."""
+"""Shared test data: a small synthetic corpus, made here (tests never read the network); a full disk."""
 
 import random
+import resource
+import signal
 
 WORDS = ("the king queen said to of and a my lord good night day love death heart war peace sword "
          "crown men women come go speak hear see 3 7 12 + - = answer question").split()
@@ -25,3 +27,9 @@ def peak_attention(model):
             if name.endswith(("q_proj.weight", "q_b_proj.weight", "k_proj.weight", "kv_a_proj_with_mqa.weight")):
                 p.mul_(10)
     return model
+
+
+def full_disk() -> None:
+    """A subprocess's preexec_fn: its writes past 64 KB fail with EFBIG, as on a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
