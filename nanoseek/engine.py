@@ -477,28 +477,24 @@ class FastForward(_Forward):
         return self.hidden(ids, positions, cache)
 
     def decode(self, ids, positions, cache):
-        if self.compiled is not None:
-            try:
-                return self.compiled.main(ids, cache)
-            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler here: say why, decode eagerly
-                self._without_compile(e)
-        return super().decode(ids, positions, cache)
+        return self._compiled("main", ids, cache) or super().decode(ids, positions, cache)
 
     def mtp_decode(self, h_prev, next_ids, positions, cache):
-        if self.compiled is not None:
-            try:
-                return self.compiled.mtp(h_prev, next_ids, cache)
-            except Exception as e:  # noqa: BLE001
-                self._without_compile(e)
-        return super().mtp_decode(h_prev, next_ids, positions, cache)
+        return self._compiled("mtp", h_prev, next_ids, cache) or super().mtp_decode(h_prev, next_ids, positions, cache)
 
     def speculate(self, h_prev, mtp_ids, last, ids, mtp_cache, cache):
+        return (self._compiled("speculate", h_prev, mtp_ids, last, ids, mtp_cache, cache)
+                or super().speculate(h_prev, mtp_ids, last, ids, mtp_cache, cache))
+
+    def _compiled(self, step: str, *args):
+        """The compiled step's outputs (a tuple), or None without compile or when it fails (then it says why once
+        and decodes eagerly from now on)."""
         if self.compiled is not None:
             try:
-                return self.compiled.speculate(h_prev, mtp_ids, last, ids, mtp_cache, cache)
-            except Exception as e:  # noqa: BLE001
+                return getattr(self.compiled, step)(*args)
+            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler here
                 self._without_compile(e)
-        return super().speculate(h_prev, mtp_ids, last, ids, mtp_cache, cache)
+        return None
 
     def _without_compile(self, error: Exception) -> None:
         """torch.compile failed (a graph writes the cache only for the positions the eager step rewrites): decode
