@@ -83,13 +83,18 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(name, why):
-            raise UserError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+            value = repr(getattr(self, name))
+            value = value if len(value) <= 40 else value[:37] + "..."
+            raise UserError(f"invalid sampling parameter {name}={value}: {why}")
 
         def integer(x):
             return isinstance(x, int) and not isinstance(x, bool)
 
         def number(x):
-            return (integer(x) or isinstance(x, float)) and math.isfinite(x)
+            try:
+                return (integer(x) or isinstance(x, float)) and math.isfinite(x)
+            except OverflowError:  # an int beyond float range
+                return False
 
         if not number(self.temperature) or self.temperature < 0:
             bad("temperature", "must be a finite number >= 0 (0 is greedy)")
@@ -155,6 +160,8 @@ class Event:
     """With SamplingParams.top_logprobs = k: the k most likely tokens at this position (the same log-probs)."""
     prompt_logprobs: PromptLogprobs | None = None
     """With SamplingParams.prompt_logprobs: the scored prompt, on the request's first event only."""
+    error: BaseException | None = None
+    """With finish_reason "error": what the request's stop_check raised."""
 
 
 @dataclass
@@ -517,6 +524,7 @@ class _Sequence:
     finish_reason: str | None = None
     outbox: deque[Event] | None = None  # stream()'s: this request's events, whoever ran the step
     error: str | None = None  # what ended it in a step that failed
+    raised: BaseException | None = None  # what its stop_check raised (it ended with finish_reason "error")
     # speculative decoding: (hidden state at i, token i+1) pairs the MTP module has not seen yet
     mtp_h: torch.Tensor | None = None
     mtp_ids: list[int] = field(default_factory=list)
@@ -529,7 +537,9 @@ class _Sequence:
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """logits [V] (fp32) -> the sampling distribution after temperature, top-k and top-p."""
-    logits = (logits - logits.max()) / p.temperature  # the best at 0: no inf - inf at a tiny temperature
+    # the best at 0, and a temperature below float32's range divides as the smallest float32 (as 0, it made every
+    # probability NaN): no inf - inf or 0 / 0, the distribution is then greedy's
+    logits = (logits - logits.max()) / max(p.temperature, torch.finfo(logits.dtype).tiny)
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = logits.topk(p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -551,7 +561,8 @@ def penalize(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output:
     if p.repetition_penalty != 1:  # (first, as vLLM)
         seen = torch.tensor(sorted({*prompt, *output}), dtype=torch.long, device=logits.device)
         x = logits[seen]
-        logits[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+        big = torch.finfo(logits.dtype).max  # a tiny penalty must not make a logit inf (then inf - inf is NaN)
+        logits[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty).clamp(-big, big)
     if p.presence_penalty or p.frequency_penalty:
         counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=V).to(logits)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
@@ -620,7 +631,6 @@ class Engine:
         self.running: list[_Sequence] = []
         self.sequences: dict[int, _Sequence] = {}
         self._ids = itertools.count()
-        self._errors: list[Exception] = []  # raised by stop_check callbacks during a step
         self.stats = {"drafted": 0, "accepted": 0}
 
     def _make_forward(self):
@@ -688,11 +698,12 @@ class Engine:
         """Admit waiting requests into free slots (one batched prefill, which yields their first token),
         then decode one token (speculative: one or two) for every sequence that was already running.
 
-        A stop_check callback that raises ends its own request (finish_reason "error"); the other sequences
-        of the batch still get their tokens, and then step() raises that exception. Any other exception
+        A stop_check callback that raises ends its own request: its last event has finish_reason "error" and the
+        exception (Event.error), which generate() and stream() raise for that request; the other sequences go on
+        as if nothing happened. Any other exception
         (out of memory, an interrupt) may leave the step's sequences with caches half written: they end
         (finish_reason "error", slots freed) and the exception propagates; the engine serves later requests."""
-        events, self._errors = [], []
+        events = []
         decoding, admitted = list(self.running), []
         try:
             with torch.inference_mode(), _eval(self.model):
@@ -717,9 +728,6 @@ class Engine:
                 seq.outbox.append(ev)
             if ev.finish_reason is not None:
                 self.sequences.pop(ev.request_id, None)
-        if self._errors:
-            error, self._errors = self._errors[0], []
-            raise error
         return events
 
     def _admit(self) -> list[_Sequence]:
@@ -852,7 +860,7 @@ class Engine:
                 seq.finish_reason = seq.finish_reason or "stop"
             elif len(seq.tokens) >= p.max_new_tokens or len(seq.prompt) + len(seq.tokens) >= self.max_len:
                 seq.finish_reason = "length"
-            events.append(Event(seq.id, t, lp, seq.finish_reason, top))
+            events.append(Event(seq.id, t, lp, seq.finish_reason, top, error=seq.raised))
             if seq.finish_reason is not None:
                 self._release(seq)
                 break
@@ -861,9 +869,8 @@ class Engine:
     def _check(self, stop_check, seq: _Sequence) -> bool:
         try:
             return stop_check(seq.tokens)
-        except Exception as e:  # noqa: BLE001 - the caller's code: end this request only, raise after the step
-            self._errors.append(e)
-            seq.finish_reason = "error"
+        except Exception as e:  # noqa: BLE001 - the caller's code: end this request only
+            seq.finish_reason, seq.raised = "error", e
             return True
 
     # -- MTP self-speculative decoding
@@ -946,6 +953,9 @@ class Engine:
             seqs = [self.sequences[i] for i in ids]
             while any(s.finish_reason is None and s.id in self.sequences for s in seqs):  # (or aborted)
                 self.step()
+                for s in seqs:
+                    if s.raised is not None:  # its stop_check raised: so does this call
+                        raise s.raised
         except BaseException:  # a bad prompt among them, an interrupt: none of this call's requests stays queued
             for i in ids:
                 self.abort(i)
@@ -964,6 +974,8 @@ class Engine:
                     self.step()
                     continue
                 ev = seq.outbox.popleft()
+                if ev.error is not None:  # its stop_check raised
+                    raise ev.error
                 yield ev
                 if ev.finish_reason is not None:
                     return

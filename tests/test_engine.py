@@ -11,7 +11,7 @@ import torch
 from nanoseek import decode
 from nanoseek import engine as engine_module
 from nanoseek.config import preset
-from nanoseek.engine import Engine, KVCache, SamplingParams
+from nanoseek.engine import Engine, KVCache, SamplingParams, filtered_probs, penalize
 from nanoseek.errors import UserError
 from nanoseek.model import NanoSeek
 
@@ -224,8 +224,6 @@ def test_top_k_and_top_p_restrict_the_choices(model):
 
 
 def test_sampling_distribution_after_temperature_top_k_and_top_p():
-    from nanoseek.engine import filtered_probs
-
     p = torch.tensor([0.5, 0.1, 0.3, 0.05, 0.05])
     logits = p.log() + 7.0  # (softmax does not see the shift)
     got = filtered_probs(logits, SamplingParams(top_p=0.7))  # 0.5 and 0.3 reach 0.7: 0.1 and less are dropped
@@ -303,24 +301,32 @@ def test_streams_and_generate_interleaved_each_get_all_their_tokens(model):
 
 
 def test_a_failing_stop_check_ends_its_request_only(model):
-    e = Engine(model, max_batch=2)
-
     def fails(ids):
         if len(ids) == 3:
             raise KeyError("the caller's bug")
         return False
+    e = Engine(model, max_batch=2)
     bad = e.add_request([1, 2, 3], SamplingParams(temperature=0, stop_check=fails))
     good = e.add_request([4, 5], GREEDY)
     other = e.sequences[good]
-    with pytest.raises(KeyError):
-        for _ in range(3):
-            e.step()
-    assert bad not in e.sequences and len(other.tokens) == 3  # the step that raised gave it its token too
+    events = [ev for _ in range(3) for ev in e.step()]  # the step where it raises returns every event
+    last = [ev for ev in events if ev.request_id == bad][-1]
+    assert last.finish_reason == "error" and isinstance(last.error, KeyError)
+    assert bad not in e.sequences and [ev.token for ev in events if ev.request_id == good] == other.tokens[:3]
     while e.has_work():
         e.step()
     assert e.sequences == {} and sorted(e.cache.free_slots) == [0, 1]
     # the other request's tokens are those of a run alone (its cache did not drift)
     assert other.tokens == greedy_reference(model, [4, 5], 12)
+    # generate() and stream() raise it for their own request; another stream goes on
+    with pytest.raises(KeyError):
+        e.generate([[4, 5], [1, 2, 3]], [GREEDY, SamplingParams(temperature=0, stop_check=fails)])
+    assert not e.has_work()
+    mine, theirs = e.stream([1, 2, 3], SamplingParams(temperature=0, stop_check=fails)), e.stream([4, 5], GREEDY)
+    assert next(theirs).token == other.tokens[0]
+    with pytest.raises(KeyError):
+        list(mine)
+    assert [ev.token for ev in theirs] == other.tokens[1:]
 
 
 def raising(error: BaseException):
@@ -382,9 +388,19 @@ def test_penalties_steer_greedy_choices_like_the_reference(model, trained, penal
     assert spec.tokens == greedy_reference(trained, prompt, 16, **penalties)
 
 
-def test_a_tiny_temperature_is_greedy_not_nan(model):
-    out = Engine(model).generate([[1, 2, 3]], SamplingParams(temperature=1e-40, max_new_tokens=12, seed=0))[0]
+@pytest.mark.parametrize("temperature", [1e-40, 1e-46])  # 1e-46 is 0 in float32
+def test_a_tiny_temperature_is_greedy_not_nan(model, temperature):
+    out = Engine(model).generate([[1, 2, 3]], SamplingParams(temperature=temperature, max_new_tokens=12, seed=0))[0]
     assert out.tokens == greedy_reference(model, [1, 2, 3], 12)
+
+
+def test_a_tiny_repetition_penalty_repeats_not_nan():
+    """A penalty near 0 multiplies a seen token's positive logit beyond float32's range: it stays finite (as inf,
+    inf - inf = NaN made every probability NaN, and the engine drew the last vocabulary id every time)."""
+    p = SamplingParams(temperature=1.0, repetition_penalty=1e-46)
+    logits = penalize(torch.tensor([2.0, 1.0, -1.0, 0.5]), p, prompt=[0, 2], output=[])
+    assert torch.isfinite(logits).all() and logits.argmax() == 0
+    assert filtered_probs(logits, p).tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_fast_weights_follow_a_trained_model(model):
@@ -536,7 +552,7 @@ def test_compile_needs_the_fast_mla_path(trained):
     (dict(seed=2**64), "seed"), (dict(top_logprobs=21), "top_logprobs"), (dict(top_logprobs=-1), "top_logprobs"),
     (dict(top_k=True), "top_k"), (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop_token_ids=None), "stop"),
     (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty="x"), "frequency_penalty"),
-    (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(temperature=10**400), "temperature=1000"),
 ])
 def test_invalid_sampling_parameters_are_user_errors(kwargs, field):
     with pytest.raises(UserError, match=field):
