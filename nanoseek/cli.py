@@ -29,11 +29,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_config(args):
-    from nanoseek.config import ModelConfig, preset
+    from nanoseek.config import ModelConfig, preset, read_fields
 
     cfg = preset(args.preset or "cpu")
     if args.config:
-        cfg = ModelConfig.from_dict({**cfg.to_dict(), **ModelConfig.load(args.config).to_dict()})
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), **read_fields(args.config)})
     return cfg.with_overrides(args.set)
 
 

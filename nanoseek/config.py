@@ -173,9 +173,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        """model_type names a file's kind (a nanoseek or a transformers config.json), not the model: not kept."""
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
-        extra = {k: v for k, v in d.items() if k not in known}
+        extra = {k: v for k, v in d.items() if k not in known and k != "model_type"}
         return cls(**kwargs, extra=extra)
 
     def save(self, path: str | Path) -> None:
@@ -183,16 +184,10 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config {path} is not a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(read_fields(path))
 
     def replace(self, **overrides) -> ModelConfig:
-        unknown = set(overrides) - {f.name for f in fields(self)}
+        unknown = set(overrides) - {f.name for f in fields(self) if f.name != "extra"}
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **overrides)
@@ -209,6 +204,17 @@ class ModelConfig:
             except json.JSONDecodeError:
                 overrides[key.strip()] = raw
         return self.replace(**overrides)
+
+
+def read_fields(path: str | Path) -> dict:
+    """The fields a JSON config file gives (only those: over a preset, the others keep the preset's values)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config {path} is not a JSON object")
+    return d
 
 
 # Presets. `cpu` is the speedrun model, `dense` the same width and depth with standard MHA and one dense

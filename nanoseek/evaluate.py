@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.data import eval_windows
+from nanoseek.errors import UserError
 
 
 def autocast(device: str, dtype: str):
@@ -46,5 +47,7 @@ def bits_per_byte(model, tokens: np.ndarray, n_bytes: int, n_chars: int, seq_len
         all_reduce(sums)
     model.train(was_training)
     nats, count = sums.tolist()
+    if not count or not n_bytes:
+        raise UserError(f"the validation tokens ({len(tokens)}) hold no text to score: give more of them")
     return {"val_loss": nats / count, "val_bpb": nats / math.log(2) / n_bytes,
             "val_bpc": nats / math.log(2) / n_chars}

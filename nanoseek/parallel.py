@@ -97,14 +97,17 @@ def sync_expert_load(model, d: Dist) -> None:
 
 def on_main(d: Dist, fn, failure: str):
     """fn() on rank 0 only, the other ranks waiting; returns its result there (None elsewhere). When it raises a
-    UserError every rank raises one (rank 0 its own, the others "rank 0 could not <failure>"): at a barrier they
-    would wait until rank 0's exit broke it."""
+    UserError or an OSError (a run directory that is a file, a corpus it may not read) every rank raises a UserError
+    (rank 0 with its own message, the others "rank 0 could not <failure>"): at a barrier they would wait until rank
+    0's exit broke it, and then fail with a traceback."""
     result, error = None, None
     if d.main:
         try:
             result = fn()
         except UserError as e:
             error = e
+        except OSError as e:
+            error = UserError(str(e))
     if max_over_ranks([error is not None], d)[0]:
         raise error or UserError(f"rank 0 could not {failure}")
     return result

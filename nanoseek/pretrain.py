@@ -154,8 +154,16 @@ def train(args):
             or min(args.eval_every, args.save_every, args.eval_tokens) < 0:
         raise UserError("--max-steps, --time-budget, --eval-every, --save-every and --eval-tokens must be numbers "
                         ">= 0")
+    if args.eval_tokens == 1:
+        raise UserError("--eval-tokens 1 scores no token (the first is the <|bos|> the others follow): give 0 "
+                        "(all) or at least 2")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: give an integer from 0 to 2**63 - 1")
     if not (0 <= args.warmup <= 1 and 0 <= args.decay <= 1 and 0 <= args.min_lr_ratio <= 1):
         raise UserError("--warmup, --decay and --min-lr-ratio are fractions: give values from 0 to 1")
+    if args.schedule == "wsd" and args.warmup + args.decay > 1:
+        raise UserError(f"--warmup {args.warmup} and --decay {args.decay} overlap: with --schedule wsd they are "
+                        "parts of one run and add up to at most 1")
     if not (0 < args.lr <= 10 and (args.muon_lr is None or 0 < args.muon_lr <= 10) and args.weight_decay >= 0
             and args.clip >= 0):
         raise UserError("--lr and --muon-lr must be > 0 and <= 10, --weight-decay and --clip >= 0")

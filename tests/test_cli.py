@@ -32,6 +32,13 @@ def test_info_preset(capsys):
     assert '"num_hidden_layers": 3' in out and "parameters:" in out
 
 
+def test_a_config_file_is_applied_over_the_preset(tmp_path, capsys):
+    (tmp_path / "c.json").write_text('{"num_hidden_layers": 3, "model_type": "deepseek_v3"}')
+    assert main(["info", "--preset", "tiny", "--config", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert '"num_hidden_layers": 3' in out and '"hidden_size": 64' in out and "model_type" not in out
+
+
 def test_bad_override_is_one_line_error():
     r = run("info", "--preset", "tiny", "--set", "num_experts_per_tok=99")
     assert r.returncode == 1

@@ -252,8 +252,11 @@ def test_config_json_round_trip(tmp_path):
     cfg = preset("tiny", q_lora_rank=None, extra={"note": "kept"})
     cfg.save(tmp_path / "c.json")
     assert ModelConfig.load(tmp_path / "c.json") == cfg
-    with pytest.raises(ConfigError, match="unknown config field"):
-        cfg.with_overrides(["no_such_field=1"])
+    for bad in ("no_such_field=1", "extra=5"):
+        with pytest.raises(ConfigError, match="unknown config field"):
+            cfg.with_overrides([bad])
+    # a file's kind is not a model field: a transformers config.json's must not turn a nanoseek run into one
+    assert "model_type" not in ModelConfig.from_dict({**cfg.to_dict(), "model_type": "deepseek_v3"}).extra
     assert cfg.with_overrides(["num_hidden_layers=3", "q_lora_rank=null"]).num_hidden_layers == 3
 
 

@@ -66,3 +66,9 @@ def test_two_ranks_match_one_process(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0
     assert "rank 0 could not prepare the tokenizer and the data" in r.stderr, r.stderr[-3000:]
+    # and so does an OSError there (the run directory is a file), not only a UserError
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
+                        ddp, "--run-dir", tmp_path / "c.txt", *common], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode != 0
+    assert "rank 0 could not prepare the tokenizer and the data" in r.stderr, r.stderr[-3000:]

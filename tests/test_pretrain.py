@@ -117,6 +117,11 @@ def test_bits_per_byte_and_per_char_count_every_token_once():
     assert got["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
     assert got["val_bpc"] == pytest.approx(nats / math.log(2) / n_chars, rel=1e-5)
     assert model.training  # left as it was found
+    from nanoseek.errors import UserError
+
+    for toks, size in ((np.array([0]), 0), (tokens, 0)):  # nothing scored; no text (only special tokens)
+        with pytest.raises(UserError, match="no text to score"):
+            bits_per_byte(model, toks, size, size, seq_len=64, bos_id=0)
 
 
 def test_learning_rate_schedules():
@@ -222,7 +227,7 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     fails("--run", tmp_path / "x", "--data", corpus, "--max-steps", 1, *TINY, "--log-every", 0, match="--log-every")
     fails("--run", corpus, "--data", corpus, "--max-steps", 1, *TINY, match="Not a directory")  # --run is a file
     for flag, value in (("--threads", 0), ("--warmup", 2), ("--time-budget", "nan"), ("--lr", 11),
-                        ("--eval-tokens", -1)):
+                        ("--eval-tokens", -1), ("--eval-tokens", 1), ("--seed", -1), ("--warmup", 0.7)):
         fails("--run", tmp_path / "x", "--data", corpus, "--max-steps", 1, *TINY, flag, value, match=flag)
 
     run = tmp_path / "run"
