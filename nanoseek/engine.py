@@ -190,8 +190,13 @@ class KVCache:
         else:
             shapes = [(cfg.num_attention_heads, cfg.qk_head_dim), (cfg.num_attention_heads, cfg.v_head_dim)]
         self.layers, self.max_batch, self.max_len, self.dtype = layers, max_batch, max_len, dtype
-        self.buffers = [[torch.zeros(max_batch, max_len, *s, dtype=dtype, device=device) for s in shapes]
-                        for _ in layers]
+        try:
+            self.buffers = [[torch.zeros(max_batch, max_len, *s, dtype=dtype, device=device) for s in shapes]
+                            for _ in layers]
+        except (RuntimeError, MemoryError):  # (torch's out-of-memory errors are RuntimeErrors)
+            size = len(layers) * max_batch * max_len * sum(math.prod(s) for s in shapes) * dtype.itemsize
+            raise UserError(f"cannot allocate the KV cache: {size / 2**30:.1f} GiB for {max_batch} sequences of "
+                            f"{max_len} positions; ask for fewer sequences (--max-batch)") from None
         self.lengths = [0] * max_batch
         self.free_slots = list(range(max_batch - 1, -1, -1))  # pop() hands out the lowest slot first
         self.device = device

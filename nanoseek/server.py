@@ -891,6 +891,12 @@ def _listen(host: str, port: int):
     return sock
 
 
+def _url(sock) -> str:
+    """The base URL of a listening socket (an IPv6 address in brackets: http://[::1]:8000)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _uvicorn(server: Server):
     import uvicorn
 
@@ -910,7 +916,7 @@ def serving(server: Server, host: str = "127.0.0.1", port: int = 0) -> Iterator[
             raise RuntimeError("the server failed to start")
         time.sleep(0.01)
     try:
-        yield "http://{}:{}".format(*sock.getsockname()[:2])
+        yield _url(sock)
     finally:
         web.should_exit = True
         thread.join(timeout=10)
@@ -925,7 +931,6 @@ def run_serve(args) -> None:
     except UserError:
         server.close()
         raise
-    host, port = sock.getsockname()[:2]
-    print(f"nanoseek serving {server.name!r} on http://{host}:{port}  (OpenAI API at /v1, chat page at /; "
+    print(f"nanoseek serving {server.name!r} on {_url(sock)}  (OpenAI API at /v1, chat page at /; "
           f"{'API key required' if server.api_key else 'no API key'})", flush=True)
     _uvicorn(server).run(sockets=[sock])

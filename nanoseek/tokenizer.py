@@ -49,7 +49,7 @@ class Tokenizer:
         from tokenizers import decoders
 
         self.tk = tk
-        config = config or {}
+        self.config = config = config or {}  # a foreign tokenizer's: save() writes it back
         self._bytes: dict[int, bytes] = {}  # token_bytes, computed once per id
         self._byte_level = isinstance(tk.decoder, decoders.ByteLevel)
         self._added = set(tk.get_added_tokens_decoder())
@@ -58,7 +58,7 @@ class Tokenizer:
         found = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
         self.special = {t: i for t, i in found.items() if i is not None}
         self.native = len(self.special) == len(SPECIAL_TOKENS)
-        self.chat_template = None if self.native else config.get("chat_template")
+        self.chat_template = None if self.native else _chat_template(config.get("chat_template"))
         if self.native:
             self.bos_id, self.eos_id, self.pad_id = found[BOS], found[EOS], found[PAD]
             return
@@ -185,7 +185,7 @@ class Tokenizer:
             "additional_special_tokens": [SYSTEM, USER, ASSISTANT, THINK, END_THINK],
             "clean_up_tokenization_spaces": False, "add_bos_token": False, "model_max_length": 1 << 20,
             "chat_template": CHAT_TEMPLATE,
-        }
+        } if self.native else self.config  # (a foreign one keeps its own special tokens and template)
         atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -197,11 +197,16 @@ class Tokenizer:
         if not f.exists():
             raise UserError(f"no tokenizer at {p} (expected tokenizer.json)")
         config = {}
-        if (f.parent / "tokenizer_config.json").exists():
-            try:
-                config = json.loads((f.parent / "tokenizer_config.json").read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise UserError(f"cannot read {f.parent / 'tokenizer_config.json'}: {e}") from None
+        # transformers reads the special tokens from special_tokens_map.json too; tokenizer_config.json wins
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (f.parent / name).exists():
+                try:
+                    part = json.loads((f.parent / name).read_text())
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise UserError(f"cannot read {f.parent / name}: {e}") from None
+                if not isinstance(part, dict):
+                    raise UserError(f"cannot read {f.parent / name}: not a JSON object")
+                config.update(part)
         if (f.parent / "chat_template.jinja").exists():  # transformers >= 4.5x saves it apart; it takes priority
             config["chat_template"] = (f.parent / "chat_template.jinja").read_text()
         try:
@@ -221,6 +226,20 @@ def _byte_of_char() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_of_char()
+
+
+def _chat_template(template) -> str | None:
+    """tokenizer_config.json's chat_template: one Jinja string, or a list of named ones (transformers then uses the
+    one named "default")."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise UserError(f"the tokenizer's chat templates are named {sorted(map(str, named))}; none is "
+                            '"default", the one chat uses')
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise UserError("the tokenizer's chat_template is not a Jinja template (a string)")
+    return template
 
 
 def _token_text(token) -> str | None:

@@ -569,6 +569,8 @@ def test_bad_prompts_and_engine_settings_are_user_errors(model):
         e.add_request([1, 512])
     with pytest.raises(UserError, match="max_len"):
         Engine(model, max_len=10_000)
+    with pytest.raises(UserError, match="cannot allocate the KV cache"):
+        Engine(model, max_batch=10**9)
     with pytest.raises(UserError, match="MTP"):
         Engine(random_model(num_nextn_predict_layers=0), speculative=True)
     with pytest.raises(UserError, match="empty prompt"):  # the valid prompt before it is not left queued

@@ -321,6 +321,16 @@ def test_api_key(model_and_tokenizer):
         assert ok.completions.create(model="tiny", prompt="The", max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_an_ipv6_address_is_served_at_a_bracketed_url(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with serving(Server(model, tok, "tiny", max_batch=1), host="::1") as u:
+        assert u.startswith("http://[::1]:") and httpx.get(u + "/health").status_code == 200
+
+
 def test_sixteen_concurrent_clients_match_sequential_greedy(client):
     prompts = [f"the {w} said" for w in "king queen lord men women war peace sword crown heart day night love "
                "death good come".split()]

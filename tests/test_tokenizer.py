@@ -99,3 +99,31 @@ def test_a_foreign_tokenizer_takes_its_chat_template_from_chat_template_jinja(tm
     (tmp_path / "chat_template.jinja").unlink()
     ids, _ = Tokenizer.load(tmp_path).render_chat([{"role": "user", "content": "hi"}])
     assert t.decode(ids) == "<hi>"
+
+
+def test_a_foreign_tokenizers_special_tokens_and_templates_as_transformers_reads_them(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+
+    foreign = ByteLevelBPETokenizer()
+    foreign.train_from_iterator([corpus_text(20)], vocab_size=300, special_tokens=["<s>", "</s>"])
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    # the special tokens named only in special_tokens_map.json (tokenizer_config.json wins where both name one)
+    (tmp_path / "special_tokens_map.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": {"content": "</s>"}}')
+    t = Tokenizer.load(tmp_path)
+    assert (t.bos_id, t.eos_id) == (foreign.token_to_id("</s>"), foreign.token_to_id("</s>"))
+    # named templates: chat uses "default"
+    hi = [{"role": "user", "content": "hi"}]
+    for template, match in (([{"name": "tool_use", "template": "x"}], '"default"'), (7, "not a Jinja template")):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+        with pytest.raises(UserError, match=match):
+            Tokenizer.load(tmp_path)
+    default = "{{ bos_token }}{{ messages[0].content }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "no"}, {"name": "default", "template": default}]}))
+    t = Tokenizer.load(tmp_path)
+    assert t.decode(t.render_chat(hi)[0]) == "<s>hi"
+    # saved (nanoseek import), it keeps its own special tokens and template, not nanoseek's
+    t.save(tmp_path / "copy")
+    again = Tokenizer.load(tmp_path / "copy")
+    assert (again.bos_id, again.eos_id) == (t.bos_id, t.eos_id) and again.decode(again.render_chat(hi)[0]) == "<s>hi"
