@@ -705,9 +705,9 @@ class Engine:
 
         A stop_check callback that raises ends its own request: its last event has finish_reason "error" and the
         exception (Event.error), which generate() and stream() raise for that request; the other sequences go on
-        as if nothing happened. Any other exception
-        (out of memory, an interrupt) may leave the step's sequences with caches half written: they end
-        (finish_reason "error", slots freed) and the exception propagates; the engine serves later requests."""
+        as if nothing happened. Any other exception (out of memory, an interrupt) may leave the step's sequences
+        with caches half written: they end (finish_reason "error", slots freed) and the exception propagates; the
+        engine serves later requests."""
         events = []
         decoding, admitted = list(self.running), []
         try:

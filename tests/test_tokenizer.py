@@ -112,6 +112,10 @@ def test_a_foreign_tokenizers_special_tokens_and_templates_as_transformers_reads
     (tmp_path / "tokenizer_config.json").write_text('{"bos_token": {"content": "</s>"}}')
     t = Tokenizer.load(tmp_path)
     assert (t.bos_id, t.eos_id) == (foreign.token_to_id("</s>"), foreign.token_to_id("</s>"))
+    (tmp_path / "special_tokens_map.json").write_text('["</s>"]')
+    with pytest.raises(UserError, match="special_tokens_map.json: not a JSON object"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "special_tokens_map.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
     # named templates: chat uses "default"
     hi = [{"role": "user", "content": "hi"}]
     for template, match in (([{"name": "tool_use", "template": "x"}], '"default"'), (7, "not a Jinja template")):
