@@ -324,7 +324,8 @@ def test_api_key(model_and_tokenizer):
 def test_an_ipv6_address_is_served_at_a_bracketed_url(model_and_tokenizer):
     model, tok = model_and_tokenizer
     try:
-        socket.socket(socket.AF_INET6).bind(("::1", 0))
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback here")
     with serving(Server(model, tok, "tiny", max_batch=1), host="::1") as u:
