@@ -215,20 +215,25 @@ class Router(nn.Module):
         return route(x, self.weight, self.e_score_correction_bias, self.cfg)
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig):
-    """The router's math, also traced by the compiled decode steps (decode.py): sigmoid scores in fp32, the
-    bias added for the choice only, group-limited top-k, normalised and scaled weights."""
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.topk(k, dim=-1, sorted=False).indices
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, linear=F.linear,
+          top=topk_indices):
+    """The router's math: sigmoid scores in fp32, the bias added for the choice only, group-limited top-k,
+    normalised and scaled weights. The compiled decode steps (decode.py) trace it with their own `linear` and
+    `top` (indices [..., k] of the k largest entries along the last dimension), which inductor fuses."""
     N = x.shape[0]
     with _no_autocast(x.device.type):
-        scores = F.linear(x.float(), weight.float()).sigmoid()
+        scores = linear(x.float(), weight.float()).sigmoid()
     choice = scores + bias.float()
     if cfg.n_group > 1:  # keep the topk_group groups whose two best experts score highest
         groups = choice.view(N, cfg.n_group, -1)
-        group_score = groups.topk(2, dim=-1).values.sum(-1)  # [N, n_group]
-        keep = torch.zeros_like(group_score, dtype=torch.bool)
-        keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
-        choice = groups.masked_fill(~keep[..., None], float("-inf")).view(N, -1)
-    idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+        group_score = groups.gather(-1, top(groups, 2)).sum(-1)  # [N, n_group]
+        kept = top(group_score, cfg.topk_group)[..., None] == torch.arange(cfg.n_group, device=x.device)
+        choice = groups.masked_fill(~kept.any(-2)[..., None], float("-inf")).view(N, -1)
+    idx = top(choice, cfg.num_experts_per_tok)
     weights = scores.gather(1, idx)
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
