@@ -1,23 +1,25 @@
 """Decode steps compiled with torch.compile: `Engine(model, compile=True)`, `--compile` on the CLI.
 
 At one or two tokens per step, decoding is bound neither by FLOPs nor by memory bandwidth but by per-operator
-overhead: the engine's eager fast path (engine.FastForward) issues ~1900 ATen calls per token for the 8M
-benchmark model. Compiled, a step is one graph: inductor fuses the norms, RoPE, the latent attention and the
-SwiGLUs' elementwise work into a handful of C++ loops around the linears (generation end to end: 4.1 -> ~1.3 ms
-per token on this 2-core CPU). For one token a linear is a fused reduction that streams its weight once, in the
-weight's dtype; for more tokens a reduction reads the weight once per token, and a GEMM call (a few microseconds
-from the graph) reads it once for all, so from two tokens the linears are GEMMs (the Intel Xeon with AMX, 8M
-benchmark model, one compiled step of N tokens, GEMM vs reductions, float32 weights: N=1 1.01 vs 0.99 ms, 2:
-1.26 vs 1.52, 4: 1.49 vs 1.98, 8: 1.79 vs 2.66). bfloat16 weights halve the bytes a reduction streams but make
-GEMMs of few rows slow (N=2: 1.74 vs 1.08 ms; 4: 1.86 vs 1.49), so with them two tokens are reductions too. The
-routed experts are fused reductions at every count, each token-expert pair reading its expert's weights: the
-exact FLOPs. Two batched matmuls over all experts and all tokens (weighted by the router, zero for the experts a
-token did not choose) do E/K times the FLOPs and were slower (4 tokens 1.86 vs 1.57 ms, 32 sequences 4.0 vs 3.5).
-Attention over the latent cache (products and sums instead of einsums) and the router (its scores a reduction,
-its top-k as argmax passes) are fused loops as well, so a one-token step is a single C++ kernel; and the graphs'
-wrappers do not re-check their inputs' sizes (dynamo's guards have). Against batched matmuls, a matmul and a topk
-library call per layer and those checks (bench/infer.py's model, in one process, interleaved, median of 9):
-batch 1 793.6 -> 888.5 tokens/s, 32 sequences 4912 -> 5652.
+overhead: the engine's eager fast path (engine.FastForward) issues ~1900 ATen calls per token for the 8M benchmark
+model. Compiled, a step is one graph: inductor fuses the norms, RoPE, the latent attention and the SwiGLUs'
+elementwise work into a handful of C++ loops around the linears (generation end to end: 4.1 -> ~1.3 ms per token on
+this 2-core CPU). For one token a linear is a fused reduction that streams its weight once, in the weight's dtype;
+for more tokens a reduction reads the weight once per token, and a GEMM call (a few microseconds from the graph)
+reads it once for all, so from two tokens the linears are GEMMs (the Intel Xeon with AMX, 8M benchmark model, one
+compiled step of N tokens, GEMM vs reductions, float32 weights: N=1 1.01 vs 0.99 ms, 2: 1.26 vs 1.52, 4: 1.49 vs
+1.98, 8: 1.79 vs 2.66). On x86 CPUs the GEMMs are oneDNN's on a packed copy of each weight (pack()): MKL's, which
+F.linear calls, is 2-3x slower for few rows on AMD's CPUs (see packs()). bfloat16 weights halve the bytes a
+reduction streams but make GEMMs of few rows slow (N=2: 1.74 vs 1.08 ms; 4: 1.86 vs 1.49), so with them two tokens
+are reductions too. The routed experts are fused reductions at every count, each token-expert pair reading its
+expert's weights: the exact FLOPs. Two batched matmuls over all experts and all tokens (weighted by the router,
+zero for the experts a token did not choose) do E/K times the FLOPs and were slower (4 tokens 1.86 vs 1.57 ms, 32
+sequences 4.0 vs 3.5). Attention over the latent cache (products and sums instead of einsums) and the router (its
+scores a reduction at every count: a GEMM call of E outputs costs more than it computes, ~0.15 ms per layer at 32
+tokens on the AMD CPU; its top-k as argmax passes) are fused loops as well, so a one-token step is a single C++
+kernel; and the graphs' wrappers do not re-check their inputs' sizes (dynamo's guards have). Against batched
+matmuls, a matmul and a topk library call per layer and those checks (bench/infer.py's model, in one process,
+interleaved, median of 9): batch 1 793.6 -> 888.5 tokens/s, 32 sequences 4912 -> 5652.
 
 Shapes are static except the key length and the number of tokens: two graphs per step function and weight
 dtype serve a whole session, one for a single token (torch specialises size 1) and one for any other count
@@ -36,6 +38,7 @@ E routed experts, K experts per token.
 
 from __future__ import annotations
 
+import platform
 from typing import NamedTuple
 
 import torch
@@ -148,15 +151,76 @@ def fold_model(model: NanoSeek, dtype: torch.dtype) -> ModelWeights:
                             head=model.lm_head.weight.detach().to(dtype).contiguous(), mtp=mtp)
 
 
+class Packed(NamedTuple):
+    """A matrix [out, in] with a copy in oneDNN's blocked layout, for the GEMM calls of the compiled graphs."""
+
+    w: torch.Tensor
+    packed: torch.Tensor
+
+
+def packs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the compiled graphs' GEMMs run on oneDNN's packed weights: on x86 CPUs (bfloat16: with bf16 units).
+    torch.compile's own lowering of oneDNN's linear wants the weights as constants of the graph (freezing); the
+    graphs take them as inputs, so that refolded weights reuse them, so the call is a custom op (packed_linear).
+    Measured on the AMD EPYC (Zen 4) of this project's machines, float32, compiled chains of 12 linears 768x256 and
+    the 4096x256 head: N=2 / 8 / 32 tokens, MKL's GEMM 1443 / 3016 / 3223 us, oneDNN's 581 / 869 / 1752 (MKL, which
+    F.linear calls, is slow there for few rows; fused reductions 341 / 1400 / 4778)."""
+    return (device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.mkldnn.is_available()
+            and (dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+
+
+_LIB = torch.library.Library("nanoseek", "FRAGMENT")
+_LIB.define("packed_linear(Tensor x, Tensor packed, SymInt out_features) -> Tensor")
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [N, in] @ the packed weight's [out, in]^T -> [N, out], in x's dtype (the weight's)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+for _key in ("CPU", "MkldnnCPU"):  # (the packed weight is an opaque oneDNN tensor: MkldnnCPU)
+    _LIB.impl("packed_linear", _packed_linear, _key)
+torch.library.register_fake("nanoseek::packed_linear")(lambda x, packed, out_features: x.new_empty(x.shape[0],
+                                                                                                  out_features))
+
+
+def pack(w: ModelWeights) -> ModelWeights:
+    """The folded weights with every matrix the graphs may multiply as a GEMM also packed (see packs()): one more
+    copy of them in memory. Unchanged where oneDNN is not used."""
+    if not packs(w.head.dtype, w.head.device):
+        return w
+
+    def layer(p: LayerWeights) -> LayerWeights:
+        return p._replace(**{k: pack_matrix(getattr(p, k)) for k in ("w_in", "w_q", "w_o", "gate_up", "down")})
+
+    with torch.inference_mode():
+        mtp = w.mtp._replace(eh_proj=pack_matrix(w.mtp.eh_proj), layer=layer(w.mtp.layer)) if w.mtp else None
+        return w._replace(layers=tuple(layer(p) for p in w.layers), head=pack_matrix(w.head), mtp=mtp)
+
+
+def pack_matrix(w: torch.Tensor | None) -> Packed | None:
+    return Packed(w, torch.ops.mkldnn._reorder_linear_weight(w)) if w is not None else None
+
+
 # --- the graphs (traced by torch.compile; also runnable eagerly) ------------------------------------------
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [N, in] fp32, w [out, in] -> [N, out] fp32. One token (two with bf16 weights): a reduction inductor
-    fuses with its neighbours, streaming the weight in its own dtype once per token; more: a GEMM call, which
-    reads the weight once for all (see the module docstring)."""
-    if x.shape[0] == 1 or (w.dtype == torch.bfloat16 and x.shape[0] == 2):
-        return (x.unsqueeze(-2) * w.float()).sum(-1)
-    return F.linear(x.to(w.dtype), w).float()
+def _reduce(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [N, in] fp32, w [out, in] -> [N, out] fp32 as a fused reduction (a loop inductor fuses with its neighbours,
+    streaming the weight in its own dtype once per token)."""
+    return (x.unsqueeze(-2) * w.float()).sum(-1)
+
+
+def _linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x [N, in] fp32, w [out, in] (or its Packed pair) -> [N, out] fp32. One token (two with bf16 weights): a
+    fused reduction; more: a GEMM call, which reads the weight once for all (see the module docstring), oneDNN's
+    on packed weights."""
+    plain = w.w if isinstance(w, Packed) else w
+    if x.shape[0] == 1 or (plain.dtype == torch.bfloat16 and x.shape[0] == 2):
+        return _reduce(x, plain)
+    if isinstance(w, Packed):
+        return torch.ops.nanoseek.packed_linear(x.to(plain.dtype), w.packed, plain.shape[0]).float()
+    return F.linear(x.to(plain.dtype), plain).float()
 
 
 def _top(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -210,7 +274,7 @@ def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache):
     x = F.rms_norm(h, h.shape[-1:], p.norm2, p.eps)
     y = _swiglu(x, p.gate_up, p.down) if p.gate_up is not None else torch.zeros_like(x)
     if p.router is not None:
-        weights, idx, _ = route(x, p.router, p.bias, cfg, _linear, _top)
+        weights, idx, _ = route(x, p.router, p.bias, cfg, _reduce, _top)
         y = y + _experts(x, weights, idx, p.experts_gate_up, p.experts_down)
     return h + y
 
@@ -279,7 +343,7 @@ class CompiledSteps:
     [B, S, H] and logits [B, S, V] (fp32). `speculate` is a whole greedy speculative step."""
 
     def __init__(self, weights: ModelWeights):
-        self.weights = weights
+        self.weights = pack(weights)
 
     def main(self, ids: torch.Tensor, cache):
         B, S = ids.shape

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoseek import decode
 from nanoseek import engine as engine_module
@@ -14,6 +15,8 @@ from nanoseek.config import preset
 from nanoseek.engine import Engine, KVCache, SamplingParams, filtered_probs, penalize
 from nanoseek.errors import UserError
 from nanoseek.model import NanoSeek
+
+CPU = torch.device("cpu")
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
 
@@ -478,12 +481,31 @@ def test_compiled_decoding_equals_eager_alone_and_batched(trained, compiler):
         engine = Engine(trained, max_batch=batch, compile=True)
         out = [c for i in range(0, 3, batch) for c in engine.generate(prompts[i: i + batch], params)]
         assert engine.forward.compiled is not None  # (a failed compile falls back to eager decoding)
+        # on x86 CPUs the graphs' GEMMs (3 sequences) read oneDNN's packed weights
+        assert isinstance(engine.forward.compiled.weights.head, decode.Packed) == decode.packs(torch.float32, CPU)
         assert [o.tokens for o in out] == [o.tokens for o in eager]
         for a, b in zip(out, eager):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert [o.tokens for o in engine.generate(prompts[1:], params)] == [o.tokens for o in eager[1:]]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_linear_equals_f_linear(dtype):
+    """The compiled graphs' GEMM on oneDNN's packed copy of a weight, against F.linear on the weight itself."""
+    if not decode.packs(dtype, CPU):
+        pytest.skip(f"oneDNN's packed {dtype} weights are used on x86 CPUs (with bf16 units for bfloat16) only")
+    torch.manual_seed(0)
+    w = torch.randn(96, 64).to(dtype)
+    packed = decode.pack_matrix(w)
+    for n in (3, 17):
+        x = torch.randn(n, 64)
+        torch.testing.assert_close(decode._linear(x, packed), F.linear(x.to(dtype), w).float(),
+                                   **({} if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)))
+    with torch.inference_mode():
+        w = decode.pack(decode.fold_model(random_model(), dtype))
+    assert all(isinstance(m, decode.Packed) for m in (w.head, w.layers[0].w_in, w.layers[1].gate_up, w.mtp.eh_proj))
 
 
 def test_compiled_engine_prefills_through_its_graph_up_to_the_limit(trained, monkeypatch, compiler):
