@@ -326,18 +326,20 @@ def corpus_sources(args) -> list[str]:
     return list(args.data) if args.data else [str(default_corpus())]
 
 
-def ensure_tokenizer(args, run_dir: Path, vocab_size: int, force: bool = False):
-    """<run>/tokenizer, trained on the train split of the corpus unless it exists."""
+def ensure_tokenizer(args, run_dir: Path, default_vocab_size: int, force: bool = False):
+    """<run>/tokenizer, trained on the train split of the corpus unless it exists, with --vocab-size tokens (without
+    it, default_vocab_size)."""
     from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
     tok_dir = Path(run_dir) / "tokenizer"
     if (tok_dir / "tokenizer.json").exists() and not force:
         tok = Tokenizer.load(tok_dir)
-        if args.vocab_size and args.vocab_size != tok.vocab_size:
+        if args.vocab_size is not None and args.vocab_size != tok.vocab_size:
             print(f"note: --vocab-size {args.vocab_size} not used: {tok_dir} exists ({tok.vocab_size} tokens); "
                   "delete it, or use another --run, to train another")
         return tok
     corpus = Corpus(corpus_sources(args), args.text_field, args.val_fraction)
+    vocab_size = default_vocab_size if args.vocab_size is None else args.vocab_size  # (0 is too small, not unset)
     tok = train_tokenizer(corpus.split(val=False), vocab_size)
     tok.save(tok_dir)
     return tok

@@ -648,7 +648,7 @@ class Engine:
         during the first requests (a no-op cost without compile: a few milliseconds)."""
         params = SamplingParams(temperature=0, max_new_tokens=4)
         for n in range(1, min(3, self.cache.max_batch) + 1):  # a graph for 1 token, 2 (bf16 weights), any other
-            self.generate([[0, 1]] * n, params)
+            self.generate([[0, 1][: self.max_len - 1]] * n, params)  # (a prompt leaves room for a token)
         self.stats = {"drafted": 0, "accepted": 0}
 
     # -- requests

@@ -197,7 +197,7 @@ def train(args):
         cfg = model_config(args)
 
     def prepare():
-        tok = ensure_tokenizer(args, run_dir, args.vocab_size or cfg.vocab_size)
+        tok = ensure_tokenizer(args, run_dir, cfg.vocab_size)
         return tok, ensure_data(args, run_dir, tok, args.seq_len + 1)
 
     prepared = parallel.on_main(d, prepare, "prepare the tokenizer and the data")

@@ -282,5 +282,5 @@ def run(args) -> None:
     from nanoseek.data import ensure_tokenizer
 
     t = time.perf_counter()
-    tok = ensure_tokenizer(args, args.run, args.vocab_size or 4096, force=args.force)
+    tok = ensure_tokenizer(args, args.run, 4096, force=args.force)
     print(f"tokenizer: {tok.vocab_size} tokens in {Path(args.run) / 'tokenizer'} ({time.perf_counter() - t:.1f}s)")

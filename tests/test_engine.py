@@ -598,3 +598,6 @@ def test_bad_prompts_and_engine_settings_are_user_errors(model):
     with pytest.raises(UserError, match="empty prompt"):  # the valid prompt before it is not left queued
         e.generate([[1, 2], []])
     assert not e.has_work()
+    tight = Engine(model, max_batch=2, max_len=2)
+    tight.warm_up()  # (its prompts leave room for a token)
+    assert not tight.has_work()

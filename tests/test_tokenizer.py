@@ -1,10 +1,12 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 from helpers import corpus_text
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nanoseek.data import ensure_tokenizer
 from nanoseek.errors import UserError
 from nanoseek.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
@@ -75,6 +77,15 @@ def test_bad_messages_and_sizes(tok):
         t.render_chat([{"role": "robot", "content": "x"}])
     with pytest.raises(UserError, match="too small"):
         train_tokenizer(iter(["abc"]), vocab_size=100)
+
+
+def test_a_vocab_size_of_0_is_refused_not_taken_for_the_default(tmp_path):
+    (tmp_path / "corpus.txt").write_text(corpus_text())
+    args = SimpleNamespace(vocab_size=0, data=[str(tmp_path / "corpus.txt")], text_field="text", val_fraction=0.1)
+    with pytest.raises(UserError, match="vocab_size=0 is too small"):
+        ensure_tokenizer(args, tmp_path / "run", 300)
+    assert ensure_tokenizer(SimpleNamespace(**{**vars(args), "vocab_size": None}), tmp_path / "run", 300).vocab_size \
+        <= 300
 
 
 def test_a_foreign_tokenizer_takes_its_chat_template_from_chat_template_jinja(tmp_path):
