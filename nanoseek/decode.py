@@ -181,8 +181,11 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> 
 
 for _key in ("CPU", "MkldnnCPU"):  # (the packed weight is an opaque oneDNN tensor: MkldnnCPU)
     _LIB.impl("packed_linear", _packed_linear, _key)
-torch.library.register_fake("nanoseek::packed_linear")(lambda x, packed, out_features: x.new_empty(x.shape[0],
-                                                                                                  out_features))
+
+
+@torch.library.register_fake("nanoseek::packed_linear")
+def _packed_linear_shape(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 def pack(w: ModelWeights) -> ModelWeights:
@@ -343,16 +346,18 @@ class CompiledSteps:
     [B, S, H] and logits [B, S, V] (fp32). `speculate` is a whole greedy speculative step."""
 
     def __init__(self, weights: ModelWeights):
-        self.weights = pack(weights)
+        # a graph of one token never multiplies a GEMM: it takes the weights without their packed copies (whose
+        # guards would cost it ~5% at batch 1)
+        self.weights, self.packed = weights, pack(weights)
 
     def main(self, ids: torch.Tensor, cache):
         B, S = ids.shape
-        h, logits = self._call(_main, (ids.reshape(-1),), cache, B * S > 1, [b[0] for b in cache.buffers])
+        h, logits = self._call(_main, (ids.reshape(-1),), cache, B * S > 1, B * S > 1, [b[0] for b in cache.buffers])
         return h.view(B, S, -1), logits.view(B, S, -1)
 
     def mtp(self, h_prev: torch.Tensor, ids: torch.Tensor, cache):
         B, S = ids.shape
-        h, logits = self._call(_mtp, (h_prev.reshape(B * S, -1), ids.reshape(-1)), cache, B * S > 1,
+        h, logits = self._call(_mtp, (h_prev.reshape(B * S, -1), ids.reshape(-1)), cache, B * S > 1, B * S > 1,
                                cache.buffers[0][0])
         return h.view(B, S, -1), logits.view(B, S, -1)
 
@@ -363,7 +368,7 @@ class CompiledSteps:
         B = ids.shape[0]
         drafts, h, logits = self._call(
             _speculate, (h_prev.reshape(2 * B, -1), mtp_ids.reshape(-1), last, ids, *self._where(mtp_cache)), cache,
-            B > 1, mtp_cache.buffers[0][0], [b[0] for b in cache.buffers])
+            B > 1, True, mtp_cache.buffers[0][0], [b[0] for b in cache.buffers])
         return drafts, h.view(B, 2, -1), logits.view(B, 2, -1)
 
     @staticmethod
@@ -376,11 +381,12 @@ class CompiledSteps:
         torch._dynamo.maybe_mark_dynamic(visible, 1)
         return cache.rows.repeat_interleave(S), cache.positions.reshape(-1), visible
 
-    def _call(self, fn, inputs, cache, dynamic: bool, *buffers):
+    def _call(self, fn, inputs, cache, dynamic: bool, gemms: bool, *buffers):
         """fn(weights, *inputs, *where cache's new tokens are, *buffers); dynamic: one graph for every token count
-        but 1 (every sequence count but 1 for _speculate)."""
+        but 1 (every sequence count but 1 for _speculate); gemms: it multiplies more than one token (the packed
+        weights)."""
         inputs = (*inputs, *self._where(cache))
         if dynamic:
             for t in inputs:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
-        return _graph(fn)(self.weights, *inputs, *buffers)
+        return _graph(fn)(self.packed if gemms else self.weights, *inputs, *buffers)

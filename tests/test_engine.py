@@ -482,7 +482,7 @@ def test_compiled_decoding_equals_eager_alone_and_batched(trained, compiler):
         out = [c for i in range(0, 3, batch) for c in engine.generate(prompts[i: i + batch], params)]
         assert engine.forward.compiled is not None  # (a failed compile falls back to eager decoding)
         # on x86 CPUs the graphs' GEMMs (3 sequences) read oneDNN's packed weights
-        assert isinstance(engine.forward.compiled.weights.head, decode.Packed) == decode.packs(torch.float32, CPU)
+        assert isinstance(engine.forward.compiled.packed.head, decode.Packed) == decode.packs(torch.float32, CPU)
         assert [o.tokens for o in out] == [o.tokens for o in eager]
         for a, b in zip(out, eager):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
