@@ -444,7 +444,10 @@ class FastForward(_Forward):
         self.compiled = CompiledSteps(w) if compile else None
 
     def _versions(self):
-        return [p._version for p in self.model.parameters()]
+        """Of the parameters and of the experts' biases (buffers, moved by the balancing update; folded as fp32
+        copies when the model is not fp32)."""
+        return [t._version for t in (*self.model.parameters(),
+                                     *(m.gate.e_score_correction_bias for m in self.model.moe_layers()))]
 
     def stale(self) -> bool:
         return self._versions() != self.versions

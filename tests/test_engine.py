@@ -416,6 +416,18 @@ def test_fast_weights_follow_a_trained_model(model):
     assert e.generate([[1, 2]], GREEDY)[0].tokens == greedy_reference(m, [1, 2], 12)
 
 
+def test_fast_weights_follow_an_update_of_the_expert_bias_alone():
+    m = random_model().to(torch.bfloat16)  # (the fold's fp32 copy of a bf16 bias would keep the old values)
+    e = Engine(m)
+    e.generate([[1, 2]], GREEDY)
+    assert not e.forward.stale()
+    with torch.no_grad():  # what model.update_expert_bias() does
+        m.moe_layers()[0].gate.e_score_correction_bias[0] += 1.0
+    assert e.forward.stale()
+    e.generate([[1, 2]], GREEDY)  # refolded
+    assert not e.forward.stale() and e.forward.w.layers[1].bias[0] == 1.0
+
+
 @pytest.mark.parametrize("impl", ["fast", "naive"])
 def test_speculative_greedy_equals_plain_greedy(trained, impl):
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9], [3, 3]]
