@@ -525,7 +525,9 @@ class NanoSeek(nn.Module):
 
     # -- load balancing, called by the trainer after each optimizer step
     def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        """The MoE blocks of the main layers, then of the MTP modules. (From the layer lists, not self.modules():
+        torch.compile breaks the graph at a walk over modules that the forward has changed, here at the loss.)"""
+        return [layer.mlp for layer in (*self.model.layers, *(m.block for m in self.mtp)) if isinstance(layer.mlp, MoE)]
 
     def update_expert_bias(self, gamma: float | None = None) -> dict:
         """Apply the aux-loss-free bias update to every MoE layer; returns load stats (max/mean per layer)
