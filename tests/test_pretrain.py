@@ -445,7 +445,8 @@ def test_divergence_stops_before_the_update_and_world_is_checked(tmp_path, corpu
 
 def test_compiled_training_equals_eager(tmp_path, corpus, monkeypatch, capsys, compiler):
     """--compile trains the same model: the losses of three compiled steps equal the eager run's (inductor may
-    order float sums differently, hence a tolerance)."""
+    order float sums differently, hence a tolerance); and without a graph break (one would cost a second trace of
+    the model at every compile)."""
     import torch
 
     from nanoseek.pretrain import train
@@ -455,9 +456,11 @@ def test_compiled_training_equals_eager(tmp_path, corpus, monkeypatch, capsys, c
     for mode in ("eager", "compiled"):
         run = tmp_path / mode
         compile_flag = ["--compile"] if mode == "compiled" else []
+        torch._dynamo.utils.counters.clear()
         train(pretrain_args(run, corpus, "--max-steps", 3, "--log-every", 1, *compile_flag))
         losses[mode] = [e["loss"] for e in metrics(run) if "loss" in e]
     assert "does not work here" not in capsys.readouterr().err  # it did compile
+    assert not torch._dynamo.utils.counters["graph_break"]
     assert len(losses["eager"]) == 3
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-3)
 
