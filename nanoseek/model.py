@@ -28,8 +28,31 @@ GROUPED_MM = hasattr(torch, "_grouped_mm") and torch.torch_version.TorchVersion(
 otherwise one matmul per expert (Experts.forward)."""
 
 
-def _no_autocast(device_type: str):
-    return torch.autocast(device_type=device_type, enabled=False)
+@torch.library.custom_op("nanoseek::linear_fp32", mutates_args=())
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T in float32 also under autocast (the router's precision, as in DeepSeek-V3).
+    An op of its own, not an autocast-disabled block in the forward: torch.compile cannot cache a compiled backward
+    whose graph holds such a block (AOTAutograd: "Unsupported call_function target _enter_autocast"), so every run
+    compiled the training step's backward again (cpu preset, first compiled step with warm caches: 14.4 -> 4.0 s).
+    Inside the op the block is out of the traced graph."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
+
+
+@linear_fp32.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
+def _linear_fp32_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    g = grad.reshape(-1, grad.shape[-1])
+    return (linear_fp32(grad, weight.t()).to(x.dtype) if ctx.needs_input_grad[0] else None,
+            linear_fp32(g.t(), x.reshape(-1, x.shape[-1]).t()).to(weight.dtype) if ctx.needs_input_grad[1] else None)
+
+
+linear_fp32.register_autograd(_linear_fp32_backward,
+                              setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
 class RMSNorm(nn.Module):
@@ -219,14 +242,14 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.topk(k, dim=-1, sorted=False).indices
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, linear=F.linear,
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig, linear=linear_fp32,
           top=topk_indices):
     """The router's math: sigmoid scores in fp32, the bias added for the choice only, group-limited top-k,
-    normalised and scaled weights. The compiled decode steps (decode.py) trace it with their own `linear` and
+    normalised and scaled weights. `linear` gives fp32 scores (linear_fp32: also under autocast); the engine, which
+    never autocasts, passes F.linear, and its compiled decode steps (decode.py) trace it with their own `linear` and
     `top` (indices [..., k] of the k largest entries along the last dimension), which inductor fuses."""
     N = x.shape[0]
-    with _no_autocast(x.device.type):
-        scores = linear(x.float(), weight.float()).sigmoid()
+    scores = linear(x.float(), weight.float()).sigmoid()
     choice = scores + bias.float()
     if cfg.n_group > 1:  # keep the topk_group groups whose two best experts score highest
         groups = choice.view(N, cfg.n_group, -1)
