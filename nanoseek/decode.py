@@ -9,28 +9,28 @@ for more tokens a reduction reads the weight once per token, and a GEMM call (a 
 reads it once for all, so from two tokens the linears are GEMMs (the Intel Xeon with AMX, 8M benchmark model, one
 compiled step of N tokens, GEMM vs reductions, float32 weights: N=1 1.01 vs 0.99 ms, 2: 1.26 vs 1.52, 4: 1.49 vs
 1.98, 8: 1.79 vs 2.66). On x86 CPUs the GEMMs are oneDNN's on a packed copy of each weight (pack()): MKL's, which
-F.linear calls, is 2-3x slower for few rows on AMD's CPUs (see packs()). bfloat16 weights halve the bytes a
-reduction streams but make GEMMs of few rows slow (N=2: 1.74 vs 1.08 ms; 4: 1.86 vs 1.49), so with them two tokens
-are reductions too. The routed experts are fused reductions at every count, each token-expert pair reading its
-expert's weights: the exact FLOPs. Two batched matmuls over all experts and all tokens (weighted by the router,
+F.linear calls, is 2-3x slower for few rows on AMD's CPUs (see packs()). bfloat16 weights halve the bytes a reduction
+streams but make GEMMs of few rows slow (N=2: 1.74 vs 1.08 ms; 4: 1.86 vs 1.49), so with them two tokens are
+reductions too; and so are two tokens on CPUs without AMX, where oneDNN's float32 GEMM of two rows is slower than the
+reductions (see gemm_from()). The routed experts are fused reductions at every count, each token-expert pair reading
+its expert's weights: the exact FLOPs. Two batched matmuls over all experts and all tokens (weighted by the router,
 zero for the experts a token did not choose) do E/K times the FLOPs and were slower (4 tokens 1.86 vs 1.57 ms, 32
 sequences 4.0 vs 3.5). Attention over the latent cache (products and sums instead of einsums) and the router (its
 scores a reduction at every count: a GEMM call of E outputs costs more than it computes, ~0.15 ms per layer at 32
 tokens on the AMD CPU; its top-k as argmax passes) are fused loops as well, so a one-token step is a single C++
-kernel; and the graphs' wrappers do not re-check their inputs' sizes (dynamo's guards have). Against batched
-matmuls, a matmul and a topk library call per layer and those checks (bench/infer.py's model, in one process,
-interleaved, median of 9): batch 1 793.6 -> 888.5 tokens/s, 32 sequences 4912 -> 5652.
+kernel; and the graphs' wrappers do not re-check their inputs' sizes (dynamo's guards have). Against batched matmuls,
+a matmul and a topk library call per layer and those checks (bench/infer.py's model, in one process, interleaved,
+median of 9): batch 1 793.6 -> 888.5 tokens/s, 32 sequences 4912 -> 5652.
 
-Shapes are static except the key length and the number of tokens: two graphs per step function and weight
-dtype serve a whole session, one for a single token (torch specialises size 1) and one for any other count
-(bfloat16 weights: a third for two); each compiles on first use or in Engine.warm_up() (~10-30 s on two cores, a
-few seconds once torch's on-disk cache has it). The step functions: the main model (decoding, and prefilling
-short prompts), the MTP module (speculative sampling), and a whole greedy speculative step, the MTP module's
-draft and the main model's verification in one graph (one sequence or any other count). One graph call instead
-of two, and no eager argmax between them: on bench/infer.py's P7 checkpoint, batch 1, 1.92 -> 1.65 ms per
-step, 978 -> 1139 tokens/s against plain decoding's 1028. The weights are folded once for absorbed MLA (the same
-folding as the eager fast path) and passed to the graphs as inputs, so refolded weights after training reuse the
-compiled graphs.
+Shapes are static except the key length and the number of tokens: two graphs per step function and weight dtype serve
+a whole session, one for a single token (torch specialises size 1) and one for any other count (bfloat16 weights, and
+CPUs without AMX: a third for two); each compiles on first use or in Engine.warm_up() (~10-30 s on two cores, a few
+seconds once torch's on-disk cache has it). The step functions: the main model (decoding, and prefilling short
+prompts), the MTP module (speculative sampling), and a whole greedy speculative step, the MTP module's draft and the
+main model's verification in one graph (one sequence or any other count). One graph call instead of two, and no eager
+argmax between them: on bench/infer.py's P7 checkpoint, batch 1, 1.92 -> 1.65 ms per step, 978 -> 1139 tokens/s
+against plain decoding's 1028. The weights are folded once for absorbed MLA (the same folding as the eager fast path)
+and passed to the graphs as inputs, so refolded weights after training reuse the compiled graphs.
 
 Shapes: N tokens (a batch's sequences times the new tokens of each, flattened), T key length, H hidden,
 E routed experts, K experts per token.
@@ -214,12 +214,26 @@ def _reduce(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(-2) * w.float()).sum(-1)
 
 
+AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+"""Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), whose oneDNN GEMMs are fast at few rows."""
+
+
+def gemm_from(w: torch.Tensor) -> int:
+    """The fewest tokens whose linears with weight w are GEMM calls rather than fused reductions: 2, but 3 for
+    bfloat16 weights (see the module docstring) and on CPUs without AMX. Measured on the AMD EPYC (Zen 4, no AMX),
+    float32, compiled chains of 12 linears 768x256 and the 4096x256 head, two tokens: reductions 341 / 469 us,
+    oneDNN's GEMM 581 / 1157 us (two runs; four tokens: 907 vs 949); and bench/infer.py's P7 checkpoint, 2 sequences
+    decoding together, in one process, interleaved, best / median of 6: 1475 / 964 -> 1798 / 1389 tokens/s;
+    speculative decoding of one sequence (two tokens per step) 955 / 703 -> 1009 / 900."""
+    return 3 if w.dtype == torch.bfloat16 or (w.device.type == "cpu" and not AMX) else 2
+
+
 def _linear(x: torch.Tensor, w) -> torch.Tensor:
-    """x [N, in] fp32, w [out, in] (or its Packed pair) -> [N, out] fp32. One token (two with bf16 weights): a
-    fused reduction; more: a GEMM call, which reads the weight once for all (see the module docstring), oneDNN's
-    on packed weights."""
+    """x [N, in] fp32, w [out, in] (or its Packed pair) -> [N, out] fp32. Fewer tokens than gemm_from(): a fused
+    reduction; more: a GEMM call, which reads the weight once for all (see the module docstring), oneDNN's on
+    packed weights."""
     plain = w.w if isinstance(w, Packed) else w
-    if x.shape[0] == 1 or (plain.dtype == torch.bfloat16 and x.shape[0] == 2):
+    if x.shape[0] < gemm_from(plain):
         return _reduce(x, plain)
     if isinstance(w, Packed):
         return torch.ops.nanoseek.packed_linear(x.to(plain.dtype), w.packed, plain.shape[0]).float()
@@ -346,18 +360,18 @@ class CompiledSteps:
     [B, S, H] and logits [B, S, V] (fp32). `speculate` is a whole greedy speculative step."""
 
     def __init__(self, weights: ModelWeights):
-        # a graph of one token never multiplies a GEMM: it takes the weights without their packed copies (with
-        # them, batch 1 measured ~5% slower in one A/B: twice the tensors for dynamo's guards to check)
+        # a graph of fewer tokens than gemm_from() multiplies no GEMM: it takes the weights without their packed
+        # copies (with them, batch 1 measured ~5% slower in one A/B: twice the tensors for dynamo's guards to check)
         self.weights, self.packed = weights, pack(weights)
 
     def main(self, ids: torch.Tensor, cache):
         B, S = ids.shape
-        h, logits = self._call(_main, (ids.reshape(-1),), cache, B * S > 1, B * S > 1, [b[0] for b in cache.buffers])
+        h, logits = self._call(_main, (ids.reshape(-1),), cache, B * S > 1, B * S, [b[0] for b in cache.buffers])
         return h.view(B, S, -1), logits.view(B, S, -1)
 
     def mtp(self, h_prev: torch.Tensor, ids: torch.Tensor, cache):
         B, S = ids.shape
-        h, logits = self._call(_mtp, (h_prev.reshape(B * S, -1), ids.reshape(-1)), cache, B * S > 1, B * S > 1,
+        h, logits = self._call(_mtp, (h_prev.reshape(B * S, -1), ids.reshape(-1)), cache, B * S > 1, B * S,
                                cache.buffers[0][0])
         return h.view(B, S, -1), logits.view(B, S, -1)
 
@@ -368,7 +382,7 @@ class CompiledSteps:
         B = ids.shape[0]
         drafts, h, logits = self._call(
             _speculate, (h_prev.reshape(2 * B, -1), mtp_ids.reshape(-1), last, ids, *self._where(mtp_cache)), cache,
-            B > 1, True, mtp_cache.buffers[0][0], [b[0] for b in cache.buffers])
+            B > 1, 2 * B, mtp_cache.buffers[0][0], [b[0] for b in cache.buffers])
         return drafts, h.view(B, 2, -1), logits.view(B, 2, -1)
 
     @staticmethod
@@ -381,12 +395,13 @@ class CompiledSteps:
         torch._dynamo.maybe_mark_dynamic(visible, 1)
         return cache.rows.repeat_interleave(S), cache.positions.reshape(-1), visible
 
-    def _call(self, fn, inputs, cache, dynamic: bool, gemms: bool, *buffers):
+    def _call(self, fn, inputs, cache, dynamic: bool, tokens: int, *buffers):
         """fn(weights, *inputs, *where cache's new tokens are, *buffers); dynamic: one graph for every token count
-        but 1 (every sequence count but 1 for _speculate); gemms: it multiplies more than one token (the packed
-        weights)."""
+        but 1 (every sequence count but 1 for _speculate); tokens: how many the main model or the MTP module takes
+        (the packed weights go with the graphs that multiply GEMMs)."""
         inputs = (*inputs, *self._where(cache))
         if dynamic:
             for t in inputs:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
+        gemms = tokens >= gemm_from(self.weights.head)
         return _graph(fn)(self.packed if gemms else self.weights, *inputs, *buffers)
