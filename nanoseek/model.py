@@ -33,7 +33,7 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ weight [out, in]^T in float32 also under autocast (the router's precision, as in DeepSeek-V3).
     An op of its own, not an autocast-disabled block in the forward: torch.compile cannot cache a compiled backward
     whose graph holds such a block (AOTAutograd: "Unsupported call_function target _enter_autocast"), so every run
-    compiled the training step's backward again (cpu preset, first compiled step with warm caches: 14.4 -> 4.0 s).
+    compiled the training step's backward again (cpu preset, first compiled step with warm caches: 14.4 -> 5.0 s).
     Inside the op the block is out of the traced graph."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return F.linear(x.float(), weight.float())
