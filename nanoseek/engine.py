@@ -651,7 +651,7 @@ class Engine:
         """Decode a few tokens alone and in a batch, so that torch.compile builds its graphs now rather than
         during the first requests (a no-op cost without compile: a few milliseconds)."""
         params = SamplingParams(temperature=0, max_new_tokens=4)
-        for n in range(1, min(3, self.cache.max_batch) + 1):  # a graph for 1 token, 2 (bf16 weights), any other
+        for n in range(1, min(3, self.cache.max_batch) + 1):  # graphs for 1 token, 2 (see decode.gemm_from), any other
             self.generate([[0, 1][: self.max_len - 1]] * n, params)  # (a prompt leaves room for a token)
         self.stats = {"drafted": 0, "accepted": 0}
 
