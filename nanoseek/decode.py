@@ -296,14 +296,24 @@ def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache):
     return h + y
 
 
+def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [..., V] -> the greedy choice [...] and its log-probability. Inside the graphs it fuses into one pass
+    over the logits; as eager calls after a compiled step the same three cost ~100 us per step on this 2-core CPU
+    (their threads wake up): bench/infer.py's P7 checkpoint decoding one sequence, 1522 -> 1577 and 786 -> 892
+    tokens/s in two runs on a noisy host (medians of 4 in one process, interleaved)."""
+    best = logits.argmax(-1)
+    return best, logits.log_softmax(-1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
+
+
 def _main(w: ModelWeights, ids, rows, pos, visible, caches):
-    """-> final-normed hidden states [N, H] and logits [N, V] (fp32)."""
+    """-> final-normed hidden states [N, H], logits [N, V] (fp32), and pick(logits)."""
     cos, sin = w.cos[pos], w.sin[pos]
     h = w.embed[ids].float()
     for p, cache in zip(w.layers, caches):
         h = _layer(p, w.cfg, h, cos, sin, rows, pos, visible, cache)
     h = F.rms_norm(h, h.shape[-1:], w.norm, w.eps)
-    return h, _linear(h, w.head)
+    logits = _linear(h, w.head)
+    return h, logits, *pick(logits)
 
 
 def _mtp_hidden(w: ModelWeights, h_prev, ids, rows, pos, visible, cache):
@@ -329,8 +339,8 @@ def _speculate(w: ModelWeights, h_prev, mtp_ids, last, ids, mtp_rows, mtp_pos, m
                mtp_cache, caches):
     """A greedy speculative step (engine.Engine._speculate) as one graph: the MTP module takes two (hidden, token)
     pairs per sequence (h_prev [2B, H], mtp_ids [2B]) and drafts the argmax at each sequence's pair last[b]; the
-    main model runs [ids[b], draft[b]]. -> the drafts [B], the main model's hidden states [2B, H] and logits
-    [2B, V]."""
+    main model runs [ids[b], draft[b]]. -> the drafts [B], the main model's hidden states [2B, H], logits [2B, V]
+    and pick(logits)."""
     B = ids.shape[0]
     h = _mtp_hidden(w, h_prev, mtp_ids, mtp_rows, mtp_pos, mtp_visible, mtp_cache).view(B, 2, -1)
     drafts = _mtp_logits(w, h[torch.arange(B, device=h.device), last]).argmax(-1)
@@ -357,7 +367,8 @@ def _graph(fn):
 class CompiledSteps:
     """The engine's decode steps through torch.compile, over folded weights. `main(ids, cache)` and
     `mtp(h_prev, ids, cache)` take a KVCache after its begin() for ids [B, S]; they return hidden states
-    [B, S, H] and logits [B, S, V] (fp32). `speculate` is a whole greedy speculative step."""
+    [B, S, H] and logits [B, S, V] (fp32), main() also pick(logits) [B, S]. `speculate` is a whole greedy
+    speculative step."""
 
     def __init__(self, weights: ModelWeights):
         # a graph of fewer tokens than gemm_from() multiplies no GEMM: it takes the weights without their packed
@@ -366,8 +377,9 @@ class CompiledSteps:
 
     def main(self, ids: torch.Tensor, cache):
         B, S = ids.shape
-        h, logits = self._call(_main, (ids.reshape(-1),), cache, B * S > 1, B * S, [b[0] for b in cache.buffers])
-        return h.view(B, S, -1), logits.view(B, S, -1)
+        h, logits, best, logp = self._call(_main, (ids.reshape(-1),), cache, B * S > 1, B * S,
+                                           [b[0] for b in cache.buffers])
+        return h.view(B, S, -1), logits.view(B, S, -1), best.view(B, S), logp.view(B, S)
 
     def mtp(self, h_prev: torch.Tensor, ids: torch.Tensor, cache):
         B, S = ids.shape
@@ -378,12 +390,13 @@ class CompiledSteps:
     def speculate(self, h_prev: torch.Tensor, mtp_ids: torch.Tensor, last: torch.Tensor, ids: torch.Tensor,
                   mtp_cache, cache):
         """h_prev [B, 2, H], mtp_ids [B, 2] for mtp_cache, last [B], ids [B] for cache, both caches begun for two
-        tokens per sequence -> drafts [B], hidden states [B, 2, H] and logits [B, 2, V] (see _speculate)."""
+        tokens per sequence -> drafts [B], hidden states [B, 2, H], logits [B, 2, V], and pick(logits) [B, 2] (see
+        _speculate)."""
         B = ids.shape[0]
-        drafts, h, logits = self._call(
+        drafts, h, logits, best, logp = self._call(
             _speculate, (h_prev.reshape(2 * B, -1), mtp_ids.reshape(-1), last, ids, *self._where(mtp_cache)), cache,
             B > 1, 2 * B, mtp_cache.buffers[0][0], [b[0] for b in cache.buffers])
-        return drafts, h.view(B, 2, -1), logits.view(B, 2, -1)
+        return drafts, h.view(B, 2, -1), logits.view(B, 2, -1), best.view(B, 2), logp.view(B, 2)
 
     @staticmethod
     def _where(cache):

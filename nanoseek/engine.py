@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nanoseek.decode import CompiledSteps, LayerWeights, fold_model
+from nanoseek.decode import CompiledSteps, LayerWeights, fold_model, pick
 from nanoseek.errors import UserError, first_line
 from nanoseek.model import NanoSeek, route
 
@@ -258,11 +258,13 @@ class KVCache:
 
 class _Forward:
     """What the engine calls. hidden/logits (and mtp_hidden/mtp_logits) are the pieces; decode() and mtp_decode()
-    are one step of a few new tokens per sequence, hidden states and logits at every one of them."""
+    are one step of a few new tokens per sequence, hidden states and logits at every one of them (decode() also
+    the greedy choice at each and its log-prob, decode.pick: the compiled steps compute it in their graph)."""
 
     def decode(self, ids, positions, cache):
         h = self.hidden(ids, positions, cache)
-        return h, self.logits(h)
+        logits = self.logits(h)
+        return h, logits, *pick(logits)
 
     def prefill(self, ids, positions, cache):
         return self.hidden(ids, positions, cache)
@@ -274,7 +276,8 @@ class _Forward:
     def speculate(self, h_prev, mtp_ids, last, ids, mtp_cache, cache):
         """A greedy speculative step (Engine._speculate), both caches begun for two tokens per sequence: the MTP
         module takes the pairs (h_prev [B, 2, H], mtp_ids [B, 2]) and drafts the argmax at pair last[b]; the main
-        model runs [ids[b], draft[b]]. -> drafts [B], hidden states [B, 2, H], logits [B, 2, V]."""
+        model runs [ids[b], draft[b]]. -> drafts [B], hidden states [B, 2, H], logits [B, 2, V], and the greedy
+        choice at each with its log-prob [B, 2] (decode.pick)."""
         _, q = self.mtp_decode(h_prev, mtp_ids, mtp_cache.positions, mtp_cache)
         drafts = q[torch.arange(len(last)), last].argmax(-1)
         return drafts, *self.decode(torch.stack((ids, drafts), 1), cache.positions, cache)
@@ -811,19 +814,22 @@ class Engine:
         slots = [s.slot for s in seqs]
         ids = torch.tensor([[s.last] for s in seqs], device=self.cache.device)
         positions = self.cache.begin(slots, 1)
-        _, logits = self.forward.decode(ids, positions, self.cache)
+        _, logits, best, logp = self.forward.decode(ids, positions, self.cache)
         self.cache.advance(slots, [1] * len(seqs))
-        tokens, logprobs, tops = self._sample(logits[:, 0], seqs)
+        tokens, logprobs, tops = self._sample(logits[:, 0], seqs, (best[:, 0], logp[:, 0]))
         events = []
         for seq, t, lp, top in zip(seqs, tokens, logprobs, tops):
             events += self._emit(seq, [t], [lp], [top])
         return events
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]):
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence], picked=None):
         """logits [B, V] fp32 -> one token per row (argmax, or sampled with the row's own generator: a seeded
         request draws the same random numbers whatever else is in the batch; the logits themselves may differ in
         their last bits with the batch's size, which picks the kernels, so a near-tie can go either way), its
-        log-prob, and the row's top_logprobs most likely tokens (None where not asked for)."""
+        log-prob, and the row's top_logprobs most likely tokens (None where not asked for). picked: the greedy
+        choice and its log-prob [B] (decode.pick), taken as they are when every row is greedy without penalties."""
+        if picked is not None and all(s.params.greedy and not s.params.penalized for s in seqs):
+            return picked[0].tolist(), picked[1].tolist(), self._tops(logits, seqs)
         choice = self._penalized(logits[:, None], seqs)[:, 0]
         tokens = choice.argmax(-1)
         rows = [b for b, seq in enumerate(seqs) if not seq.params.greedy]
@@ -832,7 +838,7 @@ class Engine:
             tokens[rows] = draw(probs, [seqs[b].generator for b in rows])
         logp = logits.log_softmax(-1)
         logprobs = logp.gather(1, tokens[:, None])[:, 0]
-        return tokens.tolist(), logprobs.tolist(), self._tops(logp, seqs)
+        return tokens.tolist(), logprobs.tolist(), self._tops(logits, seqs)
 
     @staticmethod
     def _penalized(logits: torch.Tensor, seqs: list[_Sequence], drafts: list[int] | None = None) -> torch.Tensor:
@@ -849,11 +855,12 @@ class Engine:
         return out
 
     @staticmethod
-    def _tops(logp: torch.Tensor, seqs: list[_Sequence]) -> list[Top | None]:
-        """logp [B, V], one row per sequence -> each sequence's top_logprobs alternatives (None: not asked)."""
+    def _tops(logits: torch.Tensor, seqs: list[_Sequence]) -> list[Top | None]:
+        """logits [B, V], one row per sequence -> each sequence's top_logprobs alternatives (None: not asked)."""
         k = max(s.params.top_logprobs for s in seqs)
         if not k:
             return [None] * len(seqs)
+        logp = logits.log_softmax(-1)
         return [top[: s.params.top_logprobs] if s.params.top_logprobs else None for s, top in zip(seqs, _top(logp, k))]
 
     def _emit(self, seq: _Sequence, tokens: list[int], logprobs: list[float], tops: list[Top | None]) -> list[Event]:
@@ -894,12 +901,9 @@ class Engine:
         # the MTP module takes the one or two (hidden, token) pairs it has not seen, padded to two (a padding
         # pair's cache entry is masked, then overwritten); the last one drafts
         n = [len(s.mtp_ids) for s in seqs]
-        h_prev = torch.zeros(B, 2, seqs[0].mtp_h.shape[-1], dtype=seqs[0].mtp_h.dtype, device=device)
-        mtp_ids = torch.zeros(B, 2, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            h_prev[b, : n[b]] = s.mtp_h
-            mtp_ids[b, : n[b]] = torch.tensor(s.mtp_ids)
-        mtp_ids, last = mtp_ids.to(device), torch.tensor(n, device=device) - 1
+        h_prev = torch.stack([F.pad(s.mtp_h, (0, 0, 0, 2 - k)) for s, k in zip(seqs, n)])
+        mtp_ids = torch.tensor([s.mtp_ids + [0] * (2 - k) for s, k in zip(seqs, n)], device=device)
+        last = torch.tensor([k - 1 for k in n], device=device)
         ids = torch.tensor([s.last for s in seqs], device=device)
         mtp_positions, positions = self.mtp_cache.begin(slots, 2), self.cache.begin(slots, 2)
         sampled = {b: s for b, s in enumerate(seqs) if not s.params.greedy}
@@ -911,15 +915,17 @@ class Engine:
             for b, s in sampled.items():
                 drafts[b] = draw(q_probs[b][None], [s.generator])[0]
             # the main model verifies: logits at [t_n, draft] predict tokens n+1 and n+2
-            h, logits = fwd.decode(torch.stack((ids, drafts), 1), positions, self.cache)  # [B, 2, H], [B, 2, V]
-        else:  # all greedy: the same in one call (one compiled graph)
-            drafts, h, logits = fwd.speculate(h_prev, mtp_ids, last, ids, self.mtp_cache, self.cache)
+            h, logits, _, _ = fwd.decode(torch.stack((ids, drafts), 1), positions, self.cache)  # [B, 2, H], [B, 2, V]
+            logp, drafts_l = logits.log_softmax(-1), drafts.tolist()
+            logits = self._penalized(logits, seqs, drafts_l)
+            best = logits.argmax(-1)  # [B, 2]
+            best_lp = logp.gather(-1, best[..., None])[..., 0]
+        else:  # all greedy: the same in one call (one compiled graph), which also picks the main model's choices
+            drafts, h, logits, best, best_lp = fwd.speculate(h_prev, mtp_ids, last, ids, self.mtp_cache, self.cache)
+            drafts_l = drafts.tolist()
+            logp = logits.log_softmax(-1) if any(s.params.top_logprobs for s in seqs) else None
         self.mtp_cache.advance(slots, n)
-        logp = logits.log_softmax(-1)
-        drafts_l = drafts.tolist()
-        logits = self._penalized(logits, seqs, drafts_l)
-        best = logits.argmax(-1)  # [B, 2]
-        best_l, best_lp = best.tolist(), logp.gather(-1, best[..., None])[..., 0].tolist()
+        best_l, best_lp = best.tolist(), best_lp.tolist()
         # accept or reject per sequence
         events = []
         for b, s in enumerate(seqs):
