@@ -651,11 +651,19 @@ class Engine:
         return _ModelForward(self.model, absorb=self.impl != "naive")
 
     def warm_up(self) -> None:
-        """Decode a few tokens alone and in a batch, so that torch.compile builds its graphs now rather than
-        during the first requests (a no-op cost without compile: a few milliseconds)."""
-        params = SamplingParams(temperature=0, max_new_tokens=4)
-        for n in range(1, min(3, self.cache.max_batch) + 1):  # graphs for 1 token, 2 (see decode.gemm_from), any other
-            self.generate([[0, 1][: self.max_len - 1]] * n, params)  # (a prompt leaves room for a token)
+        """Prefill and decode a few tokens alone and in a batch, so that torch.compile builds its graphs now rather
+        than during the first requests (a no-op cost without compile: a few milliseconds). The main model's graphs
+        are for 1 token, 2 (see decode.gemm_from) and any other count: prompts of 1, 2 and 3 tokens alone prefill
+        through them, so that one sequence at a time (a chat) meets no new graph either, and batches of 2 and 3
+        decode through them. Sampled speculative steps draft through the MTP module's own graphs: a speculative
+        engine also samples."""
+        params = [SamplingParams(temperature=0, max_new_tokens=4)]
+        if self.speculative:
+            params.append(SamplingParams(max_new_tokens=4, seed=0))
+        for n, length in ((1, 1), (1, 2), (1, 3), (2, 2), (3, 2)):
+            if n <= self.cache.max_batch:
+                for p in params:
+                    self.generate([list(range(length))[: self.max_len - 1]] * n, p)  # (room for a token)
         self.stats = {"drafted": 0, "accepted": 0}
 
     # -- requests

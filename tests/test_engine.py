@@ -507,6 +507,22 @@ def test_compiled_decoding_equals_eager_alone_and_batched(trained, compiler):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_after_warm_up_one_sequence_at_a_time_compiles_nothing(trained, compiler, speculative):
+    """A chat's engine (max_batch=1) warmed up meets no new graph in its first requests: prompts of 1 to 29 tokens
+    (prefills of up to COMPILED_PREFILL_TOKENS run through the graphs), greedy and sampled."""
+    torch._dynamo.reset()  # (graphs compiled by earlier tests would hide one that warm_up() misses)
+    decode._GRAPHS.clear()
+    engine = Engine(trained, max_batch=1, speculative=speculative, compile=True)
+    engine.warm_up()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for prompt in ([5], [1, 2], [40, 41, 9], list(range(1, 8)), list(range(1, 30))):
+        for params in (SamplingParams(temperature=0, max_new_tokens=6), SamplingParams(max_new_tokens=6, seed=1)):
+            engine.generate([prompt], params)
+    assert engine.forward.compiled is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_packed_linear_equals_f_linear(dtype):
     """The compiled graphs' GEMM on oneDNN's packed copy of a weight, against F.linear on the weight itself."""
