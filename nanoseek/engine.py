@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nanoseek.decode import CompiledSteps, LayerWeights, fold_model, pick
+from nanoseek.decode import CompiledSteps, LayerWeights, fold_model, packs, pick
 from nanoseek.errors import UserError, first_line
 from nanoseek.model import NanoSeek, route
 
@@ -308,22 +308,27 @@ class _ModelForward(_Forward):
 class _Weight:
     """A linear weight prepared for decoding: x [..., in] -> [..., out], in x's dtype.
 
-    float32: stored [in, out]; x @ w reads it ~1.6x faster than F.linear(x, w) at batch 1 on this CPU (55 vs
-    104 us for 256x768 out of cache), and batch-1 decoding is bound by reading weights. bfloat16 on CPU: oneDNN's
-    prepacked layout, the kernel torch.compile itself uses (torch.ops.mkldnn; MKL's bf16 F.linear is no faster
-    than float32 here). Alone such a matmul is ~2x float32; in a whole decode step the casts around it cost
-    that back at batch 1 and leave ~10-15% at batch 32 (measured on this CPU). The padded expert matmuls of
-    larger batches (_padded_experts) gain more from bf16: ~1.6x for the whole step at batch 32."""
+    float32: one token reads a copy stored [in, out]: x @ w reads it ~1.6x faster than F.linear(x, w) at batch 1
+    on this CPU (55 vs 104 us for 256x768 out of cache), and batch-1 decoding is bound by reading weights. More
+    tokens, on x86 CPUs: oneDNN's prepacked copy (decode.packs), which MKL's GEMM of a few rows is 2-3x slower than
+    on AMD's CPUs (eager calls, 256 -> 768 / 4096 -> 256: 2 tokens 53 / 141 us against 40 / 53, 32 tokens 144 / 527
+    against 77 / 320; one token 25 / 78 against 41 / 56). bfloat16 on CPU: oneDNN's prepacked layout always, the
+    kernel torch.compile itself uses (torch.ops.mkldnn; MKL's bf16 F.linear is no faster than float32 here). Alone
+    such a matmul is ~2x float32; in a whole decode step the casts around it cost that back at batch 1 and leave
+    ~10-15% at batch 32 (measured on this CPU). The padded expert matmuls of larger batches (_padded_experts) gain
+    more from bf16: ~1.6x for the whole step at batch 32."""
 
     def __init__(self, w: torch.Tensor, dtype: torch.dtype):
         w = w.detach().to(dtype)
-        self.packed = dtype == torch.bfloat16 and w.device.type == "cpu" and torch.backends.mkldnn.is_available()
-        self.w = torch.ops.mkldnn._reorder_linear_weight(w) if self.packed else w.t().contiguous()
+        self.dtype = dtype
+        bf16 = dtype == torch.bfloat16 and w.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w) if bf16 or packs(dtype, w.device) else None
+        self.w = None if bf16 else w.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.w, None,
-                                                   "none", [], "")
+        rows = x.reshape(-1, x.shape[-1])
+        if self.packed is not None and (self.w is None or rows.shape[0] > 1):
+            y = torch.ops.mkldnn._linear_pointwise(rows.to(self.dtype), self.packed, None, "none", [], "")
             return y.view(*x.shape[:-1], -1).to(x.dtype)
         return (x.to(self.w.dtype) @ self.w).to(x.dtype)
 
