@@ -40,10 +40,15 @@ def _common_arguments(p, max_new_tokens: int) -> None:
     g.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: several times faster per token, after a one-time compile "
                         "(~20-60 s; seconds once torch has cached it)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="matmul weights of the engine (default: float32, exact). bfloat16 halves the bytes a token "
+                        "reads: with --compile 1.1-1.5x faster per token on a 2-core CPU; eagerly, slower there")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
 def _load(args):
+    import torch
+
     from nanoseek import load
     from nanoseek.cli import pick_device
     from nanoseek.engine import Engine
@@ -51,7 +56,8 @@ def _load(args):
     model, tokenizer = load(args.path, pick_device(args.device))
     if tokenizer is None:
         raise UserError(f"{args.path} has no tokenizer.json; generate and chat need one next to the model")
-    engine = Engine(model, max_batch=1, speculative=args.speculative, compile=args.compile)
+    engine = Engine(model, max_batch=1, speculative=args.speculative, compile=args.compile,
+                    dtype=getattr(torch, args.dtype))
     if args.compile:
         print("compiling the decode steps (torch.compile) ...", file=sys.stderr, flush=True)
         engine.warm_up()

@@ -76,6 +76,14 @@ def test_generate_compile_gives_the_same_tokens(run_dir, capsys, monkeypatch, co
     assert made[0].forward.compiled is not None  # it decoded compiled (a failed compile falls back to eager)
 
 
+def test_generate_dtype_picks_the_engine_weights(run_dir, capsys, monkeypatch):
+    d, _, _ = run_dir
+    made = engines_made(monkeypatch)
+    for dtype in ([], ["--dtype", "bfloat16"]):
+        assert json.loads(generate(capsys, d, "The king said", "--json", *dtype))["tokens"]
+    assert [e.dtype for e in made] == [torch.float32, torch.bfloat16]
+
+
 def test_generate_chat_wraps_the_prompt_in_the_template(run_dir, capsys):
     d, model, tok = run_dir
     res = json.loads(generate(capsys, d, "who are you", "--json", "--chat"))
