@@ -298,9 +298,9 @@ def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache):
 
 def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [..., V] -> the greedy choice [...] and its log-probability. Inside the graphs it fuses into one pass
-    over the logits; as eager calls after a compiled step the same three cost ~100 us per step on this 2-core CPU
-    (their threads wake up): bench/infer.py's P7 checkpoint decoding one sequence, 1522 -> 1577 and 786 -> 892
-    tokens/s in two runs on a noisy host (medians of 4 in one process, interleaved)."""
+    over the logits; as three eager calls after a compiled step (argmax, log_softmax, gather) it cost ~100 us per
+    step on this 2-core CPU (their threads wake up): bench/infer.py's P7 checkpoint decoding one sequence, 1522 ->
+    1577 and 786 -> 892 tokens/s in two runs on a noisy host (medians of 4 in one process, interleaved)."""
     best = logits.argmax(-1)
     return best, logits.log_softmax(-1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
 
