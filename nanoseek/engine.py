@@ -311,7 +311,7 @@ class _Weight:
     float32: one token reads a copy stored [in, out]: x @ w reads it ~1.6x faster than F.linear(x, w) at batch 1
     on this CPU (55 vs 104 us for 256x768 out of cache), and batch-1 decoding is bound by reading weights. More
     tokens, on x86 CPUs: oneDNN's prepacked copy (decode.packs), which MKL's GEMM of a few rows is 2-3x slower than
-    on AMD's CPUs (eager calls, 256 -> 768 / 4096 -> 256: 2 tokens 53 / 141 us against 40 / 53, 32 tokens 144 / 527
+    on AMD's CPUs (eager calls, 256 -> 768 / 256 -> 4096: 2 tokens 53 / 141 us against 40 / 53, 32 tokens 144 / 527
     against 77 / 320; one token 25 / 78 against 41 / 56). bfloat16 on CPU: oneDNN's prepacked layout always, the
     kernel torch.compile itself uses (torch.ops.mkldnn; MKL's bf16 F.linear is no faster than float32 here). Alone
     such a matmul is ~2x float32; in a whole decode step the casts around it cost that back at batch 1 and leave
