@@ -60,7 +60,7 @@ def _load(args):
                     dtype=getattr(torch, args.dtype))
     if args.compile:
         print("compiling the decode steps (torch.compile) ...", file=sys.stderr, flush=True)
-        engine.warm_up()
+        engine.warm_up(_params(args, ()))  # (the graphs of this sampling only)
     return engine, tokenizer
 
 

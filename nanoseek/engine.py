@@ -27,6 +27,7 @@ Not thread-safe: drive one engine from one thread (the server's event loop threa
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import sys
@@ -655,19 +656,21 @@ class Engine:
             return FastForward(self.model, self.dtype, self.compile)
         return _ModelForward(self.model, absorb=self.impl != "naive")
 
-    def warm_up(self) -> None:
+    def warm_up(self, params: SamplingParams | None = None) -> None:
         """Prefill and decode a few tokens alone and in a batch, so that torch.compile builds its graphs now rather
         than during the first requests (a no-op cost without compile: a few milliseconds). The main model's graphs
         are for 1 token, 2 (see decode.gemm_from) and any other count: prompts of 1, 2 and 3 tokens alone prefill
         through them, so that one sequence at a time (a chat) meets no new graph either, and batches of 2 and 3
-        decode through them. Sampled speculative steps draft through the MTP module's own graphs: a speculative
-        engine also samples."""
-        params = [SamplingParams(temperature=0, max_new_tokens=4)]
-        if self.speculative:
-            params.append(SamplingParams(max_new_tokens=4, seed=0))
+        decode through them. params: the sampling the requests will use (default: greedy and sampled). Only a
+        speculative engine's graphs depend on it: its greedy steps are one graph, its sampled or penalized steps
+        draft through the MTP module's own graphs."""
+        kinds = [params] if params is not None else [SamplingParams(temperature=0), SamplingParams()]
+        if not self.speculative:
+            kinds = kinds[:1]
+        kinds = [dataclasses.replace(p, max_new_tokens=4, stop_token_ids=(), stop_check=None, seed=0) for p in kinds]
         for n, length in ((1, 1), (1, 2), (1, 3), (2, 2), (3, 2)):
             if n <= self.cache.max_batch:
-                for p in params:
+                for p in kinds:
                     self.generate([list(range(length))[: self.max_len - 1]] * n, p)  # (room for a token)
         self.stats = {"drafted": 0, "accepted": 0}
 

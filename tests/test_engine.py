@@ -507,20 +507,27 @@ def test_compiled_decoding_equals_eager_alone_and_batched(trained, compiler):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_after_warm_up_one_sequence_at_a_time_compiles_nothing(trained, compiler, speculative):
+@pytest.mark.parametrize("speculative, warm", [(False, None), (True, None), (True, "greedy"), (True, "sampled")])
+def test_after_warm_up_one_sequence_at_a_time_compiles_nothing(trained, compiler, speculative, warm):
     """A chat's engine (max_batch=1) warmed up meets no new graph in its first requests: prompts of 1 to 29 tokens
-    (prefills of up to COMPILED_PREFILL_TOKENS run through the graphs), greedy and sampled."""
+    (prefills of up to COMPILED_PREFILL_TOKENS run through the graphs), greedy and sampled, or the one sampling
+    warm_up() was given; a speculative engine warmed up for greedy requests only has not built the sampled path."""
     torch._dynamo.reset()  # (graphs compiled by earlier tests would hide one that warm_up() misses)
     decode._GRAPHS.clear()
+    kinds = {"greedy": SamplingParams(temperature=0, max_new_tokens=6),
+             "sampled": SamplingParams(max_new_tokens=6, seed=1, stop_token_ids=[0])}
     engine = Engine(trained, max_batch=1, speculative=speculative, compile=True)
-    engine.warm_up()
+    engine.warm_up(kinds[warm] if warm else None)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for prompt in ([5], [1, 2], [40, 41, 9], list(range(1, 8)), list(range(1, 30))):
-        for params in (SamplingParams(temperature=0, max_new_tokens=6), SamplingParams(max_new_tokens=6, seed=1)):
-            engine.generate([prompt], params)
+        for kind, params in kinds.items():
+            if warm in (None, kind):
+                engine.generate([prompt], params)
     assert engine.forward.compiled is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    if warm == "greedy":
+        engine.generate([[1, 2, 3]], kinds["sampled"])
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
