@@ -39,7 +39,7 @@ def _common_arguments(p, max_new_tokens: int) -> None:
                    help="MTP self-speculative decoding (same output distribution, fewer main-model forwards)")
     g.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: several times faster per token, after a one-time compile "
-                        "(~20-60 s; seconds once torch has cached it)")
+                        "(~1 min on 2 cores, 1.5 with --speculative; ~10 s once torch has cached it)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="matmul weights of the engine (default: float32, exact). bfloat16 halves the bytes a token "
                         "reads: with --compile 1.1-1.5x faster per token on a 2-core CPU; eagerly, slower there")
