@@ -854,7 +854,7 @@ class Engine:
             tokens[rows] = draw(probs, [seqs[b].generator for b in rows])
         logp = logits.log_softmax(-1)
         logprobs = logp.gather(1, tokens[:, None])[:, 0]
-        return tokens.tolist(), logprobs.tolist(), self._tops(logits, seqs)
+        return tokens.tolist(), logprobs.tolist(), self._tops(logits, seqs, logp)
 
     @staticmethod
     def _penalized(logits: torch.Tensor, seqs: list[_Sequence], drafts: list[int] | None = None) -> torch.Tensor:
@@ -871,12 +871,13 @@ class Engine:
         return out
 
     @staticmethod
-    def _tops(logits: torch.Tensor, seqs: list[_Sequence]) -> list[Top | None]:
-        """logits [B, V], one row per sequence -> each sequence's top_logprobs alternatives (None: not asked)."""
+    def _tops(logits: torch.Tensor, seqs: list[_Sequence], logp: torch.Tensor | None = None) -> list[Top | None]:
+        """logits [B, V], one row per sequence (and their log_softmax, if already computed) -> each sequence's
+        top_logprobs alternatives (None: not asked)."""
         k = max(s.params.top_logprobs for s in seqs)
         if not k:
             return [None] * len(seqs)
-        logp = logits.log_softmax(-1)
+        logp = logits.log_softmax(-1) if logp is None else logp
         return [top[: s.params.top_logprobs] if s.params.top_logprobs else None for s, top in zip(seqs, _top(logp, k))]
 
     def _emit(self, seq: _Sequence, tokens: list[int], logprobs: list[float], tops: list[Top | None]) -> list[Event]:
@@ -931,11 +932,12 @@ class Engine:
             for b, s in sampled.items():
                 drafts[b] = draw(q_probs[b][None], [s.generator])[0]
             # the main model verifies: logits at [t_n, draft] predict tokens n+1 and n+2
-            h, logits, _, _ = fwd.decode(torch.stack((ids, drafts), 1), positions, self.cache)  # [B, 2, H], [B, 2, V]
+            h, logits, best, best_lp = fwd.decode(torch.stack((ids, drafts), 1), positions, self.cache)  # [B, 2, ...]
             logp, drafts_l = logits.log_softmax(-1), drafts.tolist()
-            logits = self._penalized(logits, seqs, drafts_l)
-            best = logits.argmax(-1)  # [B, 2]
-            best_lp = logp.gather(-1, best[..., None])[..., 0]
+            if any(s.params.penalized for s in seqs):  # the choices come from the penalized logits
+                logits = self._penalized(logits, seqs, drafts_l)
+                best = logits.argmax(-1)
+                best_lp = logp.gather(-1, best[..., None])[..., 0]
         else:  # all greedy: the same in one call (one compiled graph), which also picks the main model's choices
             drafts, h, logits, best, best_lp = fwd.speculate(h_prev, mtp_ids, last, ids, self.mtp_cache, self.cache)
             drafts_l = drafts.tolist()
