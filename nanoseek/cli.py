@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path that is a file, a directory we may not write, a full disk
         print(f"nanoseek {args.verb}: error: {e}", file=sys.stderr)
         return 1
+    except MemoryError:  # e.g. one .txt file (one document, read whole) larger than memory
+        print(f"nanoseek {args.verb}: error: out of memory (a corpus .txt file is read whole: split a huge one into "
+              "several files, or into the lines of a .jsonl; a smaller --batch-size or model)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"nanoseek {args.verb}: interrupted", file=sys.stderr)
         return 130

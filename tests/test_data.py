@@ -6,6 +6,7 @@ from helpers import corpus_text
 
 from nanoseek.data import (
     TokenLoader,
+    build_default_corpus,
     encode_documents,
     ensure_data,
     eval_windows,
@@ -29,11 +30,12 @@ def tok():
 def test_reads_txt_jsonl_parquet_dirs_and_globs(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "one.txt").write_text("first doc")
-    (tmp_path / "a" / "two.jsonl").write_text(json.dumps({"text": "second"}) + "\n\n" + json.dumps({"text": "third"}))
+    rows = [{"text": "second"}, {}, {"text": None, "id": 3}, {"text": "third"}]  # rows without text are skipped
+    (tmp_path / "a" / "two.jsonl").write_text("\n\n".join(map(json.dumps, rows)))
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": ["fourth", "fifth"]}), tmp_path / "a" / "three.parquet")
+    pq.write_table(pa.table({"text": ["fourth", None, "fifth"]}), tmp_path / "a" / "three.parquet")
     (tmp_path / "a" / "skip.bin").write_bytes(b"\x00\x01")  # not a corpus suffix: ignored in directories
     assert load_documents([str(tmp_path / "a")]) == ["first doc", "fourth", "fifth", "second", "third"]
     assert load_documents([str(tmp_path / "a" / "*.txt")]) == ["first doc"]
@@ -96,10 +98,15 @@ def test_byte_order_mark_and_lone_surrogates(tmp_path):
     (lambda p: p.write_text(""), "is empty"),
     (lambda p: p.write_bytes(b"\x7fELF\x00\x00binary"), "binary"),
     (lambda p: p.write_bytes(b"caf\xe9"), "not UTF-8"),
+    (lambda p: p.with_suffix(".jsonl").write_text('{"body": "x"}\n{"text": null}\n'), "no row has a string field"),
+    (lambda p: p.with_suffix(".jsonl").write_text('{"text": "x"}\n{"text": 5}\n'), ":2: field 'text' is not a"),
+    (lambda p: p.with_suffix(".jsonl").write_text('{"text": "x"}\n["text"]\n'), ":2: not a JSON object"),
 ])
 def test_bad_corpora_fail_with_a_message(tmp_path, setup, match):
     p = tmp_path / "c.txt"
     setup(p)
+    if p.with_suffix(".jsonl").exists():
+        p = p.with_suffix(".jsonl")
     with pytest.raises(UserError, match=match):
         load_documents([str(p)])
 
@@ -182,9 +189,12 @@ def test_ranks_split_the_global_batch():
 def test_eval_windows_score_every_token_once():
     tokens = np.arange(1, 101, dtype=np.uint16)
     for stream in (tokens, np.concatenate([[0], tokens])):  # the shards' val split starts with <|bos|> (id 0)
-        windows = list(eval_windows(stream, 32, bos_id=0))
-        assert windows[0][0][0, 0] == 0 and windows[0][1][0, 0] == 1  # one <|bos|>, which predicts the text
-        assert np.concatenate([y.numpy().ravel() for _, y in windows]).tolist() == list(range(1, 101))
+        for batch in (1, 2, 5):
+            windows = list(eval_windows(stream, 32, bos_id=0, batch=batch))
+            assert windows[0][0][0, 0] == 0 and windows[0][1][0, 0] == 1  # one <|bos|>, which predicts the text
+            assert np.concatenate([y.numpy().ravel() for _, y in windows]).tolist() == list(range(1, 101))
+            assert all(np.array_equal(x[:, 1:], y[:, :-1]) for x, y in windows)  # y is x shifted by one
+            assert [len(x) for x, _ in windows] == {1: [1, 1, 1, 1], 2: [2, 1, 1], 5: [3, 1]}[batch]
 
 
 def test_text_size_counts_the_bytes_of_text(tmp_path, tok):
@@ -219,3 +229,13 @@ def test_prepared_data_is_remade_when_the_corpus_changes(tmp_path, tok, monkeypa
     other = train_tokenizer(iter([corpus_text(seed=1)]), vocab_size=290)  # e.g. after `nanoseek tokenizer --force`
     remade = ensure_data(args, tmp_path, other, 8)
     assert remade["vocab_size"] == 290 and load_tokens(tmp_path / "data", "train").max() < 290
+
+
+def test_the_default_corpus_is_the_bible_and_worked_problems(tmp_path):
+    path = build_default_corpus(tmp_path / "a.jsonl", n_reasoning=40)
+    docs = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert any(d.startswith("In the beginning God created the heaven and the earth.") for d in docs)
+    problems = [d for d in docs if d.startswith("Question: ")]
+    assert len(problems) == 40 and all("\nAnswer: " in d for d in problems)
+    assert sum("\nSolution: " in d for d in problems) >= 20  # gsm_symbolic and chain_sum show their work
+    assert build_default_corpus(tmp_path / "b.jsonl", n_reasoning=40).read_bytes() == path.read_bytes()

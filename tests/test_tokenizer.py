@@ -142,3 +142,34 @@ def test_a_foreign_tokenizers_special_tokens_and_templates_as_transformers_reads
     t.save(tmp_path / "copy")
     again = Tokenizer.load(tmp_path / "copy")
     assert (again.bos_id, again.eos_id) == (t.bos_id, t.eos_id) and again.decode(again.render_chat(hi)[0]) == "<s>hi"
+
+
+def test_a_run_started_again_on_another_corpus_gets_a_new_tokenizer(tmp_path, capsys):
+    from nanoseek.data import tokenizer_fingerprint
+    from nanoseek.tokenizer import run as tokenizer_command
+
+    for name, seed in (("a.txt", 0), ("b.txt", 1)):
+        (tmp_path / name).write_text(corpus_text(400, seed=seed) + name * 200)
+    run = tmp_path / "run"
+
+    def args(corpus, **kw):
+        return SimpleNamespace(**{"vocab_size": 300, "data": [str(tmp_path / corpus)], "text_field": "text",
+                                  "val_fraction": 0.1, "run": str(run), "force": False, **kw})
+
+    a = tokenizer_fingerprint(ensure_tokenizer(args("a.txt"), run, 300))
+    assert tokenizer_fingerprint(ensure_tokenizer(args("a.txt"), run, 300, renew=True)) == a  # same corpus: kept
+    assert capsys.readouterr().out == ""
+    # made for a.txt: kept for b.txt with a note (e.g. `nanoseek tokenizer` on one corpus, pretrain on another) ...
+    assert tokenizer_fingerprint(ensure_tokenizer(args("b.txt"), run, 300)) == a
+    assert "made for another corpus" in capsys.readouterr().out
+    # ... but a run started again (pretrain --overwrite) trains one for its corpus, and for its size
+    b = tokenizer_fingerprint(ensure_tokenizer(args("b.txt"), run, 300, renew=True))
+    assert b != a and "training a new one" in capsys.readouterr().out
+    assert tokenizer_fingerprint(ensure_tokenizer(args("b.txt"), run, 300)) == b
+    assert ensure_tokenizer(args("b.txt", vocab_size=280), run, 300, renew=True).vocab_size == 280
+    # once a model was trained with it, `nanoseek tokenizer --force` would orphan that model: refused
+    (run / "base").mkdir()
+    (run / "base" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="holds a model trained with"):
+        tokenizer_command(args("a.txt", force=True))
+    assert ensure_tokenizer(args("b.txt", vocab_size=None), run, 300).vocab_size == 280
