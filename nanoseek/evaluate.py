@@ -30,12 +30,13 @@ def autocast(device: str, dtype: str):
 @torch.no_grad()
 def bits_per_byte(model, tokens: np.ndarray, n_bytes: int, n_chars: int, seq_len: int, bos_id: int,
                   device: str = "cpu", dtype: str = "fp32", rank: int = 0, world: int = 1,
-                  all_reduce=None) -> dict:
-    """Score every token of `tokens` (windows strided over ranks; sums all-reduced when given)."""
+                  all_reduce=None, batch: int = 1) -> dict:
+    """Score every token of `tokens`, `batch` windows of seq_len per forward (batches strided over ranks; sums
+    all-reduced when given)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64)  # nats, tokens
-    for i, (x, y) in enumerate(eval_windows(tokens, seq_len, bos_id)):
+    for i, (x, y) in enumerate(eval_windows(tokens, seq_len, bos_id, batch)):
         if i % world != rank:
             continue
         with autocast(device, dtype):

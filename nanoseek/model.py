@@ -548,18 +548,25 @@ class NanoSeek(nn.Module):
 
     # -- load balancing, called by the trainer after each optimizer step
     def moe_layers(self) -> list[MoE]:
-        """The MoE blocks of the main layers, then of the MTP modules. (From the layer lists, not self.modules():
-        torch.compile breaks the graph at a walk over modules that the forward has changed, here at the loss.)"""
-        return [layer.mlp for layer in (*self.model.layers, *(m.block for m in self.mtp)) if isinstance(layer.mlp, MoE)]
+        """The MoE blocks of the main layers, then of the MTP modules."""
+        return [moe for _, moe in self.named_moe_layers()]
+
+    def named_moe_layers(self) -> list[tuple[str, MoE]]:
+        """(name, MoE block) of the main layers, named by layer index, then of the MTP modules, "mtp<k>". (From the
+        layer lists, not self.modules(): torch.compile breaks the graph at a walk over modules that the forward has
+        changed, here at the loss.)"""
+        blocks = [*((str(i), layer) for i, layer in enumerate(self.model.layers)),
+                  *((f"mtp{k}", m.block) for k, m in enumerate(self.mtp))]
+        return [(name, block.mlp) for name, block in blocks if isinstance(block.mlp, MoE)]
 
     def update_expert_bias(self, gamma: float | None = None) -> dict:
         """Apply the aux-loss-free bias update to every MoE layer; returns load stats (max/mean per layer)
         of the tokens routed since the previous call. With DDP, all-reduce the `load` buffers first."""
         gamma = self.config.bias_update_speed if gamma is None else gamma
         stats = {}
-        for i, m in enumerate(self.moe_layers()):
+        for name, m in self.named_moe_layers():
             if m.load.sum() > 0:
-                stats[f"load_max_over_mean/{i}"] = float(m.load.max() / m.load.mean())
+                stats[f"load_max_over_mean/{name}"] = float(m.load.max() / m.load.mean())
             m.update_bias(gamma)
         return stats
 

@@ -134,7 +134,9 @@ class Optimizers:
                  weight_decay: float = 0.0, betas=(0.9, 0.95)):
         muon, adamw = param_groups(model)
         muon_lr = default_muon_lr(model) if muon_lr is None else muon_lr
-        fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+        # torch's fused AdamW (one kernel over all tensors) on CPU too: the cpu preset's AdamW step 4.8 -> 1.9 ms,
+        # dense 5.7 -> 2.0 ms on the AMD EPYC (median of 8, interleaved with the foreach implementation)
+        fused = {"fused": True} if next(model.parameters()).device.type in ("cpu", "cuda") else {}
         if kind == "muon":
             self.opts = [Muon(muon, lr=muon_lr, weight_decay=weight_decay),
                          torch.optim.AdamW(adamw, lr=lr, betas=betas, weight_decay=0.0, eps=1e-10, **fused)]
@@ -152,6 +154,13 @@ class Optimizers:
         for opt in self.opts:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * scale
+
+    def rates(self) -> dict:
+        """The learning rates in force: {"lr": AdamW's, "muon_lr": Muon's (with Muon)}."""
+        rates = {"lr": self.opts[-1].param_groups[0]["lr"]}
+        if isinstance(self.opts[0], Muon):
+            rates["muon_lr"] = self.opts[0].param_groups[0]["lr"]
+        return rates
 
     def step(self) -> None:
         for opt in self.opts:

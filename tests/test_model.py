@@ -70,7 +70,7 @@ def test_model_bias_update_steps_every_layer_by_the_configured_speed():
     delta = moe.gate.e_score_correction_bias - before
     torch.testing.assert_close(delta, 0.01 * torch.sign(load.mean() - load))
     assert delta[0] == pytest.approx(-0.01, abs=1e-5)
-    assert stats["load_max_over_mean/0"] == float(load.max() / load.mean())
+    assert stats["load_max_over_mean/1"] == float(load.max() / load.mean())  # layer 1: layer 0 is dense
     assert moe.load.sum() == 0  # counting starts again
 
 

@@ -54,8 +54,10 @@ def test_pretrain_runs_logs_and_loads(tmp_path, corpus):
     evals = [e for e in m if "val_bpb" in e]
     assert train[-1]["step"] == 20 and train[-1]["loss"] < train[0]["loss"]
     assert evals[-1]["step"] == 20 and 0 < evals[-1]["val_bpb"] < 8
-    assert "load_max_over_mean/0" in train[0] and "grad_norm" in train[0]
+    assert {"load_max_over_mean/1", "load_max_over_mean/mtp0", "grad_norm"} <= set(train[0])  # (layer 0: dense)
     assert train[-1]["lr_scale"] > 0  # the scale the step used (WSD decays to 0 after the last step)
+    assert train[-1]["lr"] == pytest.approx(3e-3 * train[-1]["lr_scale"])  # AdamW's default rate, scaled
+    assert train[-1]["muon_lr"] == pytest.approx(0.005 * train[-1]["lr_scale"])  # Muon's, for routed experts
     from nanoseek import load
 
     model, tok = load(tmp_path / "run")
@@ -254,7 +256,9 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     assert (run / "base" / "checkpoint.safetensors").read_bytes() == before
     assert not [p for p in os.listdir(run / "base") if p.endswith(".tmp")]
     (run / "base" / ".checkpoint.safetensors.killed.tmp").write_bytes(before)  # left by a writer killed mid-save
-    nanoseek("pretrain", "--run", run, "--data", corpus, "--max-steps", 8, "--resume", *TINY)
+    respelt, shards = f"{corpus.parent}//{corpus.name}", (run / "data" / "meta.json").stat().st_mtime_ns
+    nanoseek("pretrain", "--run", run, "--data", respelt, "--max-steps", 8, "--resume", *TINY)  # the same file
+    assert (run / "data" / "meta.json").stat().st_mtime_ns == shards  # nor are its shards made again
     assert not [p for p in os.listdir(run / "base") if p.endswith(".tmp")]
     umask = os.umask(0)
     os.umask(umask)
