@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -157,11 +158,7 @@ def run_generate(args) -> None:
     else:
         ids = tokenizer.encode(prompt, bos=True)
     stops = args.stop
-
-    def stop_check(generated: list[int]) -> bool:
-        return any(s in tokenizer.decode(generated) for s in stops)
-
-    params = _params(args, stop_ids, stop_check if stops else None)
+    params = _params(args, stop_ids, tokenizer.stop_check(stops) if stops else None)
     stream = TextStream(tokenizer, stops)
     t0 = time.perf_counter()
     tokens, logprobs, reason = [], [], None
@@ -204,18 +201,26 @@ def turn_end_ids(tokenizer) -> list[int]:
 def add_chat_arguments(p) -> None:
     _common_arguments(p, max_new_tokens=256)
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="show the <think> part dimmed (auto: on a terminal, unless NO_COLOR is set)")
+
+
+def dim_reasoning(piece: str) -> str:
+    """A piece of a streamed reply with its reasoning dimmed: from <think> to </think> (the terminal keeps the
+    attribute across pieces until the reset)."""
+    from nanoseek.tokenizer import END_THINK, THINK
+
+    return piece.replace(THINK, DIM + THINK).replace(END_THINK, END_THINK + RESET)
 
 
 def run_chat(args) -> None:
-    from nanoseek.tokenizer import END_THINK, THINK
-
     engine, tokenizer = _load(args)
     _tolerant_stdin()
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):  # line editing and history for input() (not on Windows)
             import readline  # noqa: F401
-    color = sys.stdout.isatty()
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     system, history = args.system, []
     stop_ids = turn_end_ids(tokenizer)
     params = _params(args, stop_ids)
@@ -223,9 +228,7 @@ def run_chat(args) -> None:
         print(f"nanoseek chat ({args.path}); {HELP}")
 
     def show(piece: str) -> None:
-        if color:  # the reasoning is shown dimmed
-            piece = piece.replace(THINK, DIM + THINK).replace(END_THINK, END_THINK + RESET)
-        print(piece, end="", flush=True)
+        print(dim_reasoning(piece) if color else piece, end="", flush=True)
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()

@@ -678,12 +678,13 @@ class Engine:
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> int:
         """Queue a prompt (token ids); it joins the running batch at the next step() with a free slot."""
         params = params or SamplingParams()
-        prompt = list(prompt)
+        prompt = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)  # (a torch or numpy vector too)
         V = self.model.config.vocab_size
         if not prompt:
             raise UserError("empty prompt: give at least one token")
         if not all(isinstance(t, int) and 0 <= t < V for t in prompt):
-            raise UserError(f"prompt token ids must be integers in 0..{V - 1} (the model's vocabulary)")
+            raise UserError(f"a prompt is a flat sequence of token ids, integers in 0..{V - 1} (the model's "
+                            "vocabulary)")
         if len(prompt) >= self.max_len:
             raise UserError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} "
                             f"(prompt + generated tokens); shorten it")

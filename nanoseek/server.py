@@ -447,18 +447,12 @@ class Server:
                            param=param, code="context_length_exceeded")
         if max_tokens is None:  # chat: as many as the context leaves; completions: 16, as OpenAI's and vLLM's
             max_tokens = min(req.default_max_tokens or room, room)
-        hold = max((len(s.encode()) for s in stops), default=0) + 8  # a byte-level token holds >= 1 byte
-        tokenizer = self.tokenizer
-
-        def stop_check(generated: list[int]) -> bool:  # decode only the tail that can hold a new stop string
-            tail = tokenizer.decode(generated[-hold:])
-            return any(s in tail for s in stops)
-
         seed = None if req.seed is None else req.seed + index
+        stop_check = self.tokenizer.stop_check(stops) if stops else None
         return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, max_new_tokens=max_tokens,
-                              stop_token_ids=stop_ids, seed=seed, stop_check=stop_check if stops else None,
+                              stop_token_ids=stop_ids, seed=seed, stop_check=stop_check,
                               top_logprobs=logprobs or 0, prompt_logprobs=score_prompt)
 
     def _check_prompt(self, ids: list[int], param: str) -> None:

@@ -12,7 +12,7 @@ from helpers import corpus_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoseek.chat import HELP, THINK_BLOCK, TextStream, _fit
+from nanoseek.chat import DIM, HELP, RESET, THINK_BLOCK, TextStream, _fit, dim_reasoning
 from nanoseek.checkpoint import save_model
 from nanoseek.cli import main
 from nanoseek.config import preset
@@ -139,6 +139,15 @@ def test_chat_commands_and_history(run_dir, capsys, monkeypatch):
     r4 = reply([sys_msg, {"role": "user", "content": "/who are you"}])
     unknown = f"unknown command /usr; {HELP}; start a message with // to send a line beginning with /"
     assert out == f"{r1}\n(system prompt set, conversation reset)\n{r2}\n{r3}\n(conversation reset)\n{unknown}\n{r4}\n"
+
+
+def test_reasoning_is_dimmed_when_colour_is_on(run_dir, capsys, monkeypatch):
+    assert dim_reasoning("a<think>b") + dim_reasoning("c</think>d") == f"a{DIM}<think>bc</think>{RESET}d"
+    d, _, _ = run_dir
+    for color, coded in (("always", True), ("never", False), ("auto", False)):  # (auto: stdout is not a terminal)
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+        assert main(["chat", str(d), "--temperature", "0", "--max-new-tokens", "4", "--color", color]) == 0
+        assert (RESET in capsys.readouterr().out) == coded
 
 
 def test_chat_drops_old_exchanges_when_the_context_is_full(run_dir, capsys, monkeypatch):

@@ -5,6 +5,7 @@ stopping, log-probs and bad input."""
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -620,6 +621,12 @@ def test_invalid_sampling_parameters_are_user_errors(kwargs, field):
         SamplingParams(**kwargs)
 
 
+def test_prompts_may_be_torch_or_numpy_vectors(model):
+    e = Engine(model, max_batch=3)
+    outs = e.generate([[5, 6, 7], torch.tensor([5, 6, 7]), np.array([5, 6, 7])], GREEDY)
+    assert outs[0].tokens == outs[1].tokens == outs[2].tokens
+
+
 def test_bad_prompts_and_engine_settings_are_user_errors(model):
     e = Engine(model, max_len=16)
     with pytest.raises(UserError, match="empty prompt"):
@@ -628,6 +635,8 @@ def test_bad_prompts_and_engine_settings_are_user_errors(model):
         e.add_request(list(range(16)))
     with pytest.raises(UserError, match="0..511"):
         e.add_request([1, 512])
+    with pytest.raises(UserError, match="flat sequence"):  # a [1, T] batch is not a prompt
+        e.add_request(torch.tensor([[1, 2]]))
     with pytest.raises(UserError, match="max_len"):
         Engine(model, max_len=10_000)
     with pytest.raises(UserError, match="cannot allocate the KV cache"):
