@@ -143,15 +143,20 @@ def _tolerant_stdin() -> None:
 
 
 def run_generate(args) -> None:
-    if args.prompt is None:
+    prompt = args.prompt
+    if prompt is None:
         _tolerant_stdin()
-    prompt = sys.stdin.read() if args.prompt is None else args.prompt
+        if sys.stdin.isatty():
+            print("(reading the prompt from the terminal: end it with Ctrl-D)", file=sys.stderr)
+        prompt = sys.stdin.read()
+        if prompt.endswith("\n"):  # echo's and a file's last newline ends the input, it is not part of the prompt
+            prompt = prompt[:-1].removesuffix("\r")
     if not prompt.strip():
         raise UserError("empty prompt: give some text (as an argument or on stdin)")
     if any(not s for s in args.stop):
         raise UserError("--stop needs a non-empty text")
     engine, tokenizer = _load(args)
-    stop_ids = [tokenizer.eos_id]
+    stop_ids = text_end_ids(tokenizer)
     if args.chat:
         ids, _ = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
         stop_ids = turn_end_ids(tokenizer)
@@ -191,11 +196,18 @@ HELP = "commands: /system TEXT (set the system prompt, start over), /reset (star
 REPLY_ROOM = 64  # tokens a reply should have room for: the oldest exchanges are dropped to make it
 
 
+def text_end_ids(tokenizer) -> list[int]:
+    """A text ends with <|eos|>, or where another document starts: <|bos|> (the pretraining shards separate
+    documents with <|bos|> alone, so a base model ends a text by starting the next one)."""
+    return list(dict.fromkeys(t for t in (tokenizer.eos_id, tokenizer.bos_id) if t is not None))
+
+
 def turn_end_ids(tokenizer) -> list[int]:
-    """The assistant's turn ends with <|eos|>; an undertrained model may instead start the next turn itself."""
+    """The assistant's turn ends with <|eos|>; an undertrained model may instead start the next turn (or document)
+    itself."""
     from nanoseek.tokenizer import SYSTEM, USER
 
-    return [tokenizer.eos_id] + [tokenizer.special[t] for t in (USER, SYSTEM) if t in tokenizer.special]
+    return text_end_ids(tokenizer) + [tokenizer.special[t] for t in (USER, SYSTEM) if t in tokenizer.special]
 
 
 def add_chat_arguments(p) -> None:

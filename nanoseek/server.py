@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from nanoseek.chat import TextStream, turn_end_ids
+from nanoseek.chat import TextStream, text_end_ids, turn_end_ids
 from nanoseek.engine import MAX_TOP_LOGPROBS, Engine, Event, PromptLogprobs, SamplingParams
 from nanoseek.errors import UserError
 from nanoseek.tokenizer import END_THINK, THINK
@@ -523,7 +523,7 @@ class Server:
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt must be a non-empty string or list of token ids (or a list of them)",
                            param="prompt")
-        stops, stop_ids = self._stops(req), [self.tokenizer.eos_id]
+        stops, stop_ids = self._stops(req), text_end_ids(self.tokenizer)
         plan = Plan([], 0, stops, stop_ids, logprobs, [] if req.echo else None)
         V = self.engine.model.config.vocab_size
         score = bool(req.echo) and logprobs is not None  # the echoed prompt's log-probs

@@ -1,5 +1,6 @@
 """`nanoseek generate` and `nanoseek chat` on a tiny model saved in tmp_path with a tokenizer trained here."""
 
+import copy
 import io
 import json
 import os
@@ -65,6 +66,32 @@ def engines_made(monkeypatch) -> list:
     made, real = [], nanoseek.engine.Engine
     monkeypatch.setattr(nanoseek.engine, "Engine", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
     return made
+
+
+def test_a_text_ends_where_the_next_document_starts(run_dir, capsys, tmp_path, monkeypatch):
+    """Pretraining separates documents with <|bos|> alone: a base model ends a text by starting another, so
+    generate, chat and the server stop there rather than print "<|bos|>" and run on into a new document."""
+    _, model, tok = run_dir
+    ends = copy.deepcopy(model)
+    with torch.no_grad():
+        ends.model.norm.weight.zero_()  # every logit 0: the greedy choice is id 0, <|bos|>
+    assert tok.bos_id == 0
+    save_model(ends, tmp_path / "base")
+    tok.save(tmp_path / "tokenizer")
+    res = json.loads(generate(capsys, tmp_path, "The king said", "--json").strip().splitlines()[-1])
+    assert res["tokens"] == [tok.bos_id] and res["text"] == "" and res["finish_reason"] == "stop"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(tmp_path), "--temperature", "0", "--max-new-tokens", str(MAX_NEW)]) == 0
+    assert capsys.readouterr().out == "\n"  # an empty reply
+
+
+def test_a_prompt_on_stdin_loses_its_last_newline(run_dir, capsys, monkeypatch):
+    d, _, _ = run_dir
+    as_argument = json.loads(generate(capsys, d, "The king said", "--json").splitlines()[-1])
+    for piped in ("The king said\n", "The king said\r\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(piped))
+        res = json.loads(generate(capsys, d, "--json").splitlines()[-1])
+        assert res["prompt"] == "The king said" and res["tokens"] == as_argument["tokens"]
 
 
 def test_generate_compile_gives_the_same_tokens(run_dir, capsys, monkeypatch, compiler):
