@@ -187,12 +187,26 @@ def export(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     gen = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
            if getattr(model.config, k) is not None}
+    if gen.get("bos_token_id") not in (None, gen.get("eos_token_id")):  # a text ends where the next document starts
+        gen["eos_token_id"] = [gen["eos_token_id"], gen["bos_token_id"]]  # (as nanoseek's generate: chat.text_end_ids)
     atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+        _export_tokenizer(Path(tokenizer_dir), out)
     return out
+
+
+def _export_tokenizer(src: Path, out: Path) -> None:
+    """The tokenizer files; nanoseek's own tokenizer made before it had one gets the <|bos|> post-processor
+    (tokenizer.add_bos_template), so that transformers' tokenizer(text) starts as nanoseek's prompts do."""
+    from nanoseek.tokenizer import Tokenizer, add_bos_template
+
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, out / name)
+    tok = Tokenizer.load(src)
+    if tok.native and tok.tk.post_processor is None:
+        add_bos_template(tok.tk)
+        tok.save(out)
 
 
 def _read_hf_tensors(d: Path) -> dict[str, torch.Tensor]:

@@ -193,7 +193,8 @@ class Tokenizer:
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
             "additional_special_tokens": [SYSTEM, USER, ASSISTANT, THINK, END_THINK],
-            "clean_up_tokenization_spaces": False, "add_bos_token": False, "model_max_length": 1 << 20,
+            "clean_up_tokenization_spaces": False, "add_bos_token": self.tk.post_processor is not None,
+            "model_max_length": 1 << 20,
             "chat_template": CHAT_TEMPLATE,
         } if self.native else self.config  # (a foreign one keeps its own special tokens and template)
         atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
@@ -274,7 +275,18 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(texts, trainer=trainer)
+    add_bos_template(tk)
     return Tokenizer(tk)
+
+
+def add_bos_template(tk) -> None:
+    """Make transformers' tokenizer(text) start with <|bos|>, as every pretraining document does (a post-processor,
+    applied with add_special_tokens=True; nanoseek's own encode passes False and adds it itself)."""
+    from tokenizers import processors
+
+    bos = tk.token_to_id(BOS)
+    tk.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                      special_tokens=[(BOS, bos)])
 
 
 # --- `nanoseek tokenizer` ---------------------------------------------------------------------------

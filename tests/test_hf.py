@@ -146,9 +146,11 @@ def test_cli_export_and_import_carry_the_tokenizer_and_the_dtype(tmp_path):
 
     from nanoseek.tokenizer import train_tokenizer
 
-    model = random_model().to(torch.bfloat16)  # an API user's bf16 model: its biases must still export as fp32
-    save_model(model, tmp_path / "run" / "base")
     tok = train_tokenizer(iter([corpus_text()]), vocab_size=512)
+    # an API user's bf16 model (its biases must still export as fp32), with the token ids pretrain gives a model
+    model = random_model(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id).to(torch.bfloat16)
+    save_model(model, tmp_path / "run" / "base")
+    tok.tk.post_processor = None  # as a run's tokenizer made before it had the <|bos|> template: the export adds it
     tok.save(tmp_path / "run" / "tokenizer")
     for verb, src, out, extra in (("export", "run", "hf", ["--dtype", "bfloat16"]), ("import", "hf", "back", [])):
         r = subprocess.run([sys.executable, "-m", "nanoseek", verb, str(tmp_path / src), "--out", str(tmp_path / out),
@@ -160,7 +162,11 @@ def test_cli_export_and_import_carry_the_tokenizer_and_the_dtype(tmp_path):
     assert {d for k, d in dtypes.items() if "e_score_correction_bias" not in k} == {"BF16"}
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     text = "The king said: good night, 12 + 7 = 19 ünï"
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == tok.encode(text)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok(text).input_ids == tok.encode(text, bos=True)  # a prompt starts as every pretraining document
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tok.eos_id, tok.bos_id]  # a text ends where the next document starts
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     back, back_tok = nanoseek.load(tmp_path / "back")
     assert back_tok is not None and back_tok.encode(text) == tok.encode(text)

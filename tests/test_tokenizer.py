@@ -47,6 +47,7 @@ def test_transformers_autotokenizer_agrees(tok):
     hf = transformers.AutoTokenizer.from_pretrained(d)
     text = "The king said: 12 + 7 = 19.\n<think>hmm</think> ok"
     assert hf.encode(text, add_special_tokens=False) == t.encode(text)
+    assert hf(text).input_ids == t.encode(text, bos=True)  # transformers' default adds the <|bos|> ours does
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
                 {"role": "assistant", "content": "<think>greet</think>Hello."}, {"role": "user", "content": "Bye"}]
     ids, mask = t.render_chat(messages, add_generation_prompt=True)
