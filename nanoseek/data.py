@@ -355,7 +355,8 @@ def ensure_tokenizer(args, run_dir: Path, default_vocab_size: int, force: bool =
         other_size = args.vocab_size is not None and args.vocab_size != made_for
         if not (other_corpus or other_size):
             return tok
-        why = "another corpus" if other_corpus else f"{made_for} tokens, not --vocab-size {args.vocab_size}"
+        why = " and ".join(["another corpus"] * other_corpus
+                           + [f"{made_for} tokens, not --vocab-size {args.vocab_size}"] * other_size)
         if not renew:
             print(f"note: {tok_dir} is used as it is, although it was made for {why}; `nanoseek tokenizer "
                   "--force` (before the run has a model) or another --run trains a new one")
@@ -363,6 +364,9 @@ def ensure_tokenizer(args, run_dir: Path, default_vocab_size: int, force: bool =
         print(f"{tok_dir} was made for {why}: training a new one for the run started again")
     text = Corpus(sources, args.text_field, args.val_fraction)
     tok = train_tokenizer(text.split(val=False), vocab_size)
+    if tok.vocab_size < vocab_size:
+        print(f"note: the corpus gave a tokenizer of {tok.vocab_size} tokens, not the {vocab_size} asked for (too "
+              "little text for more merges)")
     tok.save(tok_dir)
     atomic_write_text(tok_dir / CORPUS_RECORD, json.dumps({"corpus": corpus, "vocab_size": vocab_size}) + "\n")
     return tok

@@ -155,6 +155,8 @@ def keep_freed_memory() -> None:
 
 def train(args):
     """The whole pretraining run; returns (model, summary dict)."""
+    if args.data:  # absolute: the checkpoint's record of them holds from any directory a resume is run in
+        args.data = [os.path.abspath(os.path.expanduser(s)) for s in args.data]
     if not args.max_steps and not args.time_budget:
         raise UserError("give --max-steps or --time-budget (or both: whichever ends first)")
     if args.seq_len < 2 or args.batch_size < 1 or args.grad_accum < 1 or args.log_every < 1:
@@ -223,6 +225,9 @@ def train(args):
                         "changed), so its data position would mean other text: restore the corpus, or start again "
                         "with --overwrite")
     if not args.resume:  # the model's vocabulary is the tokenizer's
+        if tok.vocab_size != (args.vocab_size or cfg.vocab_size) and d.main:
+            print(f"note: vocab_size {tok.vocab_size}, the tokenizer's in {run_dir / 'tokenizer'} (the model config "
+                  f"asked for {cfg.vocab_size})")
         cfg = cfg.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                           pad_token_id=tok.pad_id)
     if tok.vocab_size > cfg.vocab_size:
@@ -419,8 +424,11 @@ def _check_resume_arguments(args, saved: dict) -> None:
             continue
         if name in saved and getattr(args, name) != saved[name]:
             flag = "--" + name.replace("_", "-")
-            raise UserError(f"--resume: {flag} is {getattr(args, name)!r} but the run was started with "
-                            f"{saved[name]!r}; resume with the same value")
+
+            def shown(v):
+                return " ".join(v) if isinstance(v, list) else "the built-in corpus" if v is None else repr(v)
+            raise UserError(f"--resume: {flag} is {shown(getattr(args, name))} but the run was started with "
+                            f"{shown(saved[name])}; resume with the same value")
 
 
 def _same_files(a: list[str] | None, b: list[str] | None) -> bool:
