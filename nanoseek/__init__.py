@@ -22,6 +22,9 @@ def resolve(path: str | Path) -> tuple[Path, Path | None]:
     if not p.exists():
         raise UserError(f"{p} does not exist")
     model_dir = p
+    if p.is_file():
+        raise UserError(f"{p} is a file: give the directory that holds it (a run, a checkpoint or a transformers "
+                        "directory)")
     if not (p / "config.json").exists():
         stages = [p / s for s in STAGES if (p / s / "config.json").exists()]
         if not stages:

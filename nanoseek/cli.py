@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # verb -> (module, one-line help). Modules are imported when the parser is built (argparse needs the flags).
 VERBS = {
@@ -54,7 +55,8 @@ def pick_device(name: str = "auto") -> str:
 def _info_arguments(p):
     p.add_argument("path", nargs="?", help="a checkpoint, run or transformers directory (else: the preset)")
     add_model_arguments(p)
-    p.add_argument("--seq-len", type=int, default=512, help="sequence length for the FLOPs estimate")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="sequence length for the FLOPs estimate (default: pretrain's, 256)")
 
 
 def _info(args):
@@ -85,6 +87,7 @@ def _export(args):
     from nanoseek import load, resolve
     from nanoseek.hf import export
 
+    _check_out(args.out)
     model, _ = load(args.path)
     _, tok_dir = resolve(args.path)
     out = export(model, args.out, tok_dir, dtype=getattr(torch, args.dtype))
@@ -96,10 +99,23 @@ def _import_arguments(p):
     p.add_argument("--out", required=True, help="output nanoseek checkpoint directory")
 
 
+def _check_out(out: str) -> None:
+    """--out: a new or empty directory, or a model directory to replace (its config.json), never other files."""
+    from nanoseek.errors import UserError
+
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out {p} is a file")
+    if p.is_dir() and any(p.iterdir()) and not (p / "config.json").exists():
+        raise UserError(f"--out {p} holds other files (no config.json of a model it would replace): give a new "
+                        "or empty directory")
+
+
 def _import(args):
     from nanoseek import load
     from nanoseek.checkpoint import save_model
 
+    _check_out(args.out)
     model, tokenizer = load(args.path)
     save_model(model, args.out)
     if tokenizer is not None:

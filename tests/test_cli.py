@@ -50,6 +50,23 @@ def test_missing_path_is_one_line_error(tmp_path):
     assert r.returncode == 1 and "does not exist" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
+def test_export_never_writes_among_other_files(tmp_path, capsys):
+    from nanoseek.checkpoint import save_model
+    from nanoseek.config import preset
+    from nanoseek.model import NanoSeek
+
+    save_model(NanoSeek(preset("tiny")), tmp_path / "run" / "base")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("mine")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "texts")]) == 1
+    assert "holds other files" in capsys.readouterr().err and sorted(p.name for p in (tmp_path / "texts").iterdir()) \
+        == ["notes.txt"]
+    for _ in range(2):  # a new directory, then the same export replaced
+        assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["generate", str(tmp_path / "hf" / "model.safetensors"), "hi"]) == 1
+    assert "is a file: give the directory that holds it" in capsys.readouterr().err
+
+
 def test_info_of_a_saved_model(tmp_path, capsys):
     from nanoseek.checkpoint import save_model
     from nanoseek.config import preset
