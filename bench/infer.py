@@ -2,9 +2,9 @@
 JSON object.
 
   P4  decode tokens/s at batch 1: the nanoseek engine (decode steps through torch.compile, float32 weights:
-      exact) vs transformers' DeepseekV3ForCausalLM.generate on the same exported weights (the random 8.3M
-      model of /work/shared/BENCHMARKS.md), greedy, same prompt and number of new tokens; generation end to
-      end, prefill included, for both. Also the eager engine and bfloat16 weights.
+      exact) vs transformers' DeepseekV3ForCausalLM.generate on the same exported weights (a random 8.3M model:
+      the cpu preset with 6 layers, 8 routed experts and q LoRA), greedy, same prompt and number of new tokens;
+      generation end to end, prefill included, for both. Also the eager engine and bfloat16 weights.
   P5  aggregate tokens/s of 32 concurrent sequences vs batch 1 (same model and engine settings), compiled and
       eager.
   P6  KV-cache bytes per token per layer at the cpu preset's dims: the MLA latent cache vs the MHA-equivalent
@@ -17,7 +17,7 @@ JSON object.
       held-out end of its corpus: draft acceptance rate and tokens/s vs plain greedy decoding at batch 1 (eager
       and compiled), and identical outputs.
 
-    python bench/infer.py [--checkpoint runs/demo] [--rounds 3] [--new-tokens 64]
+    python bench/infer.py [--checkpoint RUN] [--rounds 3] [--new-tokens 64]   # RUN: a run with an MTP module
 """
 
 import argparse
@@ -34,6 +34,7 @@ import nanoseek
 from nanoseek.config import preset
 from nanoseek.data import load_tokens
 from nanoseek.engine import Engine, KVCache, SamplingParams
+from nanoseek.errors import UserError
 from nanoseek.hf import export
 from nanoseek.model import NanoSeek
 
@@ -142,11 +143,22 @@ def held_out_prompts(path: str, tok, n: int = 4, length: int = 16) -> list[list[
     return [[tok.bos_id] + d for d in docs[:: max(1, len(docs) // n)][:n]]
 
 
-def p7(args) -> dict:
+def p7_model(args):
+    """The P7 checkpoint's (model, tokenizer, path), checked before anything is measured."""
     path = trained_checkpoint(args)
-    model, tok = nanoseek.load(path)
+    try:
+        model, tok = nanoseek.load(path)
+    except UserError as e:
+        raise SystemExit(f"bench: {e}") from None
     if tok is None:
-        raise SystemExit(f"{path} has no tokenizer")
+        raise SystemExit(f"bench: {path} has no tokenizer")
+    if not model.config.num_nextn_predict_layers:
+        raise SystemExit(f"bench: {path} has no MTP module for P7 (the cpu preset has none: train with --set "
+                         "num_nextn_predict_layers=1), or leave out --checkpoint to train one")
+    return model, tok, path
+
+
+def p7(args, model, tok, path) -> dict:
     prompts = held_out_prompts(path, tok)
     greedy = SamplingParams(temperature=0, max_new_tokens=args.new_tokens * 2)
     engines = {f"{kind}{'_compiled' if c else ''}": Engine(model, max_batch=1, speculative=kind == "spec", compile=c)
@@ -179,10 +191,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     result = {"threads": torch.get_num_threads(), "new_tokens": args.new_tokens}
+    checkpoint = p7_model(args)  # (a --checkpoint that cannot serve P7 fails now, not after P4-P6)
     result.update(p4_p5(args))
     print(json.dumps(result), flush=True)
     result.update(p6())
-    result.update(p7(args))
+    result.update(p7(args, *checkpoint))
     print(json.dumps(result))
 
 
