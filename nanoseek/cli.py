@@ -145,8 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
             add = getattr(mod, f"add_{verb}_arguments", None) or mod.add_arguments
             run = getattr(mod, f"run_{verb}", None) or mod.run
         add(p)
+        _show_defaults(p)
         p.set_defaults(_run=run)
     return parser
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """--help gives every option's default value, where its help text does not already."""
+    for a in p._actions:
+        if a.option_strings and a.default not in (None, False, argparse.SUPPRESS) and "default" not in (a.help or ""):
+            a.help = f"{a.help} (default: %(default)s)" if a.help else "default: %(default)s"
 
 
 def main(argv: list[str] | None = None) -> int:
