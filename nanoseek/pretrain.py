@@ -38,10 +38,10 @@ from nanoseek.config import ModelConfig
 from nanoseek.data import (
     TokenLoader,
     add_data_arguments,
+    corpus_files,
     ensure_data,
     ensure_tokenizer,
     load_tokens,
-    resolve_sources,
     tokenizer_fingerprint,
 )
 from nanoseek.errors import UserError, first_line
@@ -436,7 +436,7 @@ def _same_files(a: list[str] | None, b: list[str] | None) -> bool:
     if a is None or b is None:
         return a == b
     try:
-        return [os.path.realpath(f) for f in resolve_sources(a)] == [os.path.realpath(f) for f in resolve_sources(b)]
+        return corpus_files(a) == corpus_files(b)  # (real paths: however each spells them)
     except UserError:  # one of them names missing files
         return False
 
