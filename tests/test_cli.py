@@ -26,6 +26,25 @@ def test_every_verb_has_help(verb, capsys):
     assert verb in capsys.readouterr().out
 
 
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--seq-len SEQ_LEN default: 256" in out and "per process (default: 32)" in out
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    import nanoseek.cli as cli
+
+    def exhausted(args):
+        raise MemoryError
+
+    monkeypatch.setitem(cli.LOCAL, "info", (cli.LOCAL["info"][0], exhausted))
+    assert main(["info", "--preset", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nanoseek info: error: out of memory") and err.count("\n") == 1
+
+
 def test_info_preset(capsys):
     assert main(["info", "--preset", "tiny", "--set", "num_hidden_layers=3"]) == 0
     out = capsys.readouterr().out

@@ -174,3 +174,6 @@ def test_a_run_started_again_on_another_corpus_gets_a_new_tokenizer(tmp_path, ca
     with pytest.raises(UserError, match="holds a model trained with"):
         tokenizer_command(args("a.txt", force=True))
     assert ensure_tokenizer(args("b.txt", vocab_size=None), run, 300).vocab_size == 280
+    # a corpus too small for the size asked for says so
+    small = ensure_tokenizer(args("a.txt", vocab_size=20000), tmp_path / "small", 300)
+    assert small.vocab_size < 20000 and "not the 20000 asked for" in capsys.readouterr().out
