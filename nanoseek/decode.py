@@ -5,22 +5,22 @@ overhead: the engine's eager fast path (engine.FastForward) issues ~1900 ATen ca
 model. Compiled, a step is one graph: inductor fuses the norms, RoPE, the latent attention and the SwiGLUs'
 elementwise work into a handful of C++ loops around the linears (generation end to end: 4.1 -> ~1.3 ms per token on
 this 2-core CPU). For one token a linear is a fused reduction that streams its weight once, in the weight's dtype;
-for more tokens a reduction reads the weight once per token, and a GEMM call (a few microseconds from the graph)
-reads it once for all, so from two tokens the linears are GEMMs (the Intel Xeon with AMX, 8M benchmark model, one
-compiled step of N tokens, GEMM vs reductions, float32 weights: N=1 1.01 vs 0.99 ms, 2: 1.26 vs 1.52, 4: 1.49 vs
-1.98, 8: 1.79 vs 2.66). On x86 CPUs the GEMMs are oneDNN's on a packed copy of each weight (pack()): MKL's, which
-F.linear calls, is 2-3x slower for few rows on AMD's CPUs (see packs()). bfloat16 weights halve the bytes a reduction
-streams but make GEMMs of few rows slow (N=2: 1.74 vs 1.08 ms; 4: 1.86 vs 1.49), so with them two tokens are
-reductions too; and so are two tokens on CPUs without AMX, where oneDNN's float32 GEMM of two rows is slower than the
-reductions (see gemm_from()). The routed experts are fused reductions at every count, each token-expert pair reading
-its expert's weights: the exact FLOPs. Two batched matmuls over all experts and all tokens (weighted by the router,
-zero for the experts a token did not choose) do E/K times the FLOPs and were slower (4 tokens 1.86 vs 1.57 ms, 32
-sequences 4.0 vs 3.5). Attention over the latent cache (products and sums instead of einsums) and the router (its
-scores a reduction at every count: a GEMM call of E outputs costs more than it computes, ~0.15 ms per layer at 32
-tokens on the AMD CPU; its top-k as argmax passes) are fused loops as well, so a one-token step is a single C++
-kernel; and the graphs' wrappers do not re-check their inputs' sizes (dynamo's guards have). Against batched matmuls,
-a matmul and a topk library call per layer and those checks (bench/infer.py's model, in one process, interleaved,
-median of 9): batch 1 793.6 -> 888.5 tokens/s, 32 sequences 4912 -> 5652.
+for more tokens a reduction reads the weight once per token (two tokens share each load: _reduce), and a GEMM call
+(a few microseconds from the graph) reads it once for all, so from two tokens the linears are GEMMs (the Intel Xeon
+with AMX, 8M benchmark model, one compiled step of N tokens, GEMM vs reductions, float32 weights: N=1 1.01 vs 0.99
+ms, 2: 1.26 vs 1.52, 4: 1.49 vs 1.98, 8: 1.79 vs 2.66). On x86 CPUs the GEMMs are oneDNN's on a packed copy of each
+weight (pack()): MKL's, which F.linear calls, is 2-3x slower for few rows on AMD's CPUs (see packs()). bfloat16
+weights halve the bytes a reduction streams but make GEMMs of few rows slow (N=2: 1.74 vs 1.08 ms; 4: 1.86 vs 1.49),
+so with them two tokens are reductions too; and so are two tokens on CPUs without AMX, where oneDNN's float32 GEMM
+of two rows is slower than the reductions (see gemm_from()). The routed experts are fused reductions at every count,
+each token-expert pair reading its expert's weights: the exact FLOPs. Two batched matmuls over all experts and all
+tokens (weighted by the router, zero for the experts a token did not choose) do E/K times the FLOPs and were slower
+(4 tokens 1.86 vs 1.57 ms, 32 sequences 4.0 vs 3.5). Attention over the latent cache (products and sums instead of
+einsums) and the router (its scores a reduction at every count: a GEMM call of E outputs costs more than it
+computes, ~0.15 ms per layer at 32 tokens on the AMD CPU; its top-k as argmax passes) are fused loops as well, so a
+one-token step is a single C++ kernel; and the graphs' wrappers do not re-check their inputs' sizes (dynamo's guards
+have). Against batched matmuls, a matmul and a topk library call per layer and those checks (bench/infer.py's model,
+in one process, interleaved, median of 9): batch 1 793.6 -> 888.5 tokens/s, 32 sequences 4912 -> 5652.
 
 Shapes are static except the key length and the number of tokens: two graphs per step function and weight dtype serve
 a whole session, one for a single token (torch specialises size 1) and one for any other count (bfloat16 weights, and
@@ -210,7 +210,14 @@ def pack_matrix(w: torch.Tensor | None) -> Packed | None:
 
 def _reduce(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [N, in] fp32, w [out, in] -> [N, out] fp32 as a fused reduction (a loop inductor fuses with its neighbours,
-    streaming the weight in its own dtype once per token)."""
+    streaming the weight in its own dtype once per token). Two tokens, a size fixed in the graphs that take them (see
+    gemm_from), are two reductions that inductor writes as one loop, each weight element loaded once for both: on the
+    AMD EPYC, a compiled chain of 12 linears 768x256 took 181-199 us for two tokens this way against 212-263 us as
+    [2, out, in] products (one token: 115 us); bench/infer.py's P7 checkpoint (one process, both variants interleaved,
+    medians of 10) decoded 2 sequences at 1545 -> 2075 tokens/s and one speculatively at 984 -> 1326."""
+    if type(x.shape[0]) is int and x.shape[0] == 2:
+        w = w.float()
+        return torch.stack(((x[0] * w).sum(-1), (x[1] * w).sum(-1)))
     return (x.unsqueeze(-2) * w.float()).sum(-1)
 
 
