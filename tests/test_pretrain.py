@@ -256,8 +256,9 @@ def test_bad_input_is_one_line_and_never_loses_a_checkpoint(tmp_path, corpus):
     assert (run / "base" / "checkpoint.safetensors").read_bytes() == before
     assert not [p for p in os.listdir(run / "base") if p.endswith(".tmp")]
     (run / "base" / ".checkpoint.safetensors.killed.tmp").write_bytes(before)  # left by a writer killed mid-save
-    respelt, shards = f"{corpus.parent}//{corpus.name}", (run / "data" / "meta.json").stat().st_mtime_ns
-    nanoseek("pretrain", "--run", run, "--data", respelt, "--max-steps", 8, "--resume", *TINY)  # the same file
+    # the same file, spelt another way and relative to another working directory
+    respelt, shards = f".//{corpus.name}", (run / "data" / "meta.json").stat().st_mtime_ns
+    nanoseek("pretrain", "--run", run, "--data", respelt, "--max-steps", 8, "--resume", *TINY, cwd=corpus.parent)
     assert (run / "data" / "meta.json").stat().st_mtime_ns == shards  # nor are its shards made again
     assert not [p for p in os.listdir(run / "base") if p.endswith(".tmp")]
     umask = os.umask(0)
