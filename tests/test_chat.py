@@ -168,6 +168,50 @@ def test_chat_commands_and_history(run_dir, capsys, monkeypatch):
     assert out == f"{r1}\n(system prompt set, conversation reset)\n{r2}\n{r3}\n(conversation reset)\n{unknown}\n{r4}\n"
 
 
+def in_terminal(*args: str, typed: bytes) -> tuple[int, str]:
+    """Run `nanoseek args` in a pseudo-terminal (stdin, stdout and stderr), as a user in a shell does, with `typed`
+    at the keyboard -> (exit code, everything the terminal showed, its line ends as newlines)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", *args], stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    os.write(master, typed)
+    shown = b""
+    try:
+        while select.select([master], [], [], 120)[0]:
+            chunk = os.read(master, 4096)
+            if not chunk:
+                break
+            shown += chunk
+    except OSError:  # (Linux: the program exited and closed the terminal)
+        pass
+    finally:
+        os.close(master)
+    return proc.wait(timeout=60), shown.decode(errors="replace").replace("\r\n", "\n")
+
+
+def test_chat_and_generate_in_a_terminal(run_dir):
+    """The interactive paths: chat's banner and prompt, line editing's input(), colour on by itself (auto); generate
+    without a prompt reads the terminal until Ctrl-D, says so, and takes the typed line without its newline."""
+    d, model, tok = run_dir
+    code, shown = in_terminal("chat", str(d), "--temperature", "0", "--max-new-tokens", str(MAX_NEW),
+                              typed=b"hello there\n/reset\n/exit\n")
+    assert code == 0, shown
+    stop = [tok.eos_id, tok.special[USER], tok.special[SYSTEM]]
+    reply = tok.decode(greedy(model, tok.render_chat([{"role": "user", "content": "hello there"}],
+                                                     add_generation_prompt=True)[0], stop))
+    assert f"nanoseek chat ({d}); {HELP}" in shown and "> " in shown
+    assert f"{reply}{RESET}\n" in shown and "(conversation reset)" in shown and "Traceback" not in shown
+    code, shown = in_terminal("generate", str(d), "--temperature", "0", "--max-new-tokens", str(MAX_NEW),
+                              typed=b"The king said\n\x04")
+    assert code == 0, shown
+    assert "(reading the prompt from the terminal: end it with Ctrl-D)" in shown
+    assert shown.endswith(tok.decode(greedy(model, tok.encode("The king said", bos=True), [tok.eos_id, tok.bos_id]))
+                          + "\n")
+
+
 def test_reasoning_is_dimmed_when_colour_is_on(run_dir, capsys, monkeypatch):
     assert dim_reasoning("a<think>b") + dim_reasoning("c</think>d") == f"a{DIM}<think>bc</think>{RESET}d"
     d, _, _ = run_dir
