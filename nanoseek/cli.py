@@ -91,7 +91,10 @@ def _export(args):
     model, _ = load(args.path)
     _, tok_dir = resolve(args.path)
     out = export(model, args.out, tok_dir, dtype=getattr(torch, args.dtype))
-    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    L, mtp = model.config.num_hidden_layers, model.config.num_nextn_predict_layers
+    layers = f"layer {L}" if mtp == 1 else f"layers {L}-{L + mtp - 1}"
+    note = f"; it lists the MTP weights ({layers}) as UNEXPECTED and ignores them" if mtp else ""
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained{note})")
 
 
 def _import_arguments(p):
