@@ -5,22 +5,23 @@ overhead: the engine's eager fast path (engine.FastForward) issues ~1900 ATen ca
 model. Compiled, a step is one graph: inductor fuses the norms, RoPE, the latent attention and the SwiGLUs'
 elementwise work into a handful of C++ loops around the linears (generation end to end: 4.1 -> ~1.3 ms per token on
 this 2-core CPU). For one token a linear is a fused reduction that streams its weight once, in the weight's dtype;
-for more tokens a reduction reads the weight once per token (two tokens share each load: _reduce), and a GEMM call
-(a few microseconds from the graph) reads it once for all, so from two tokens the linears are GEMMs (the Intel Xeon
-with AMX, 8M benchmark model, one compiled step of N tokens, GEMM vs reductions, float32 weights: N=1 1.01 vs 0.99
-ms, 2: 1.26 vs 1.52, 4: 1.49 vs 1.98, 8: 1.79 vs 2.66). On x86 CPUs the GEMMs are oneDNN's on a packed copy of each
-weight (pack()): MKL's, which F.linear calls, is 2-3x slower for few rows on AMD's CPUs (see packs()). bfloat16
-weights halve the bytes a reduction streams but make GEMMs of few rows slow (N=2: 1.74 vs 1.08 ms; 4: 1.86 vs 1.49),
-so with them two tokens are reductions too; and so are two tokens on CPUs without AMX, where oneDNN's float32 GEMM
-of two rows is slower than the reductions (see gemm_from()). The routed experts are fused reductions at every count,
-each token-expert pair reading its expert's weights: the exact FLOPs. Two batched matmuls over all experts and all
-tokens (weighted by the router, zero for the experts a token did not choose) do E/K times the FLOPs and were slower
-(4 tokens 1.86 vs 1.57 ms, 32 sequences 4.0 vs 3.5). Attention over the latent cache (products and sums instead of
-einsums) and the router (its scores a reduction at every count: a GEMM call of E outputs costs more than it
-computes, ~0.15 ms per layer at 32 tokens on the AMD CPU; its top-k as argmax passes) are fused loops as well, so a
-one-token step is a single C++ kernel; and the graphs' wrappers do not re-check their inputs' sizes (dynamo's guards
-have). Against batched matmuls, a matmul and a topk library call per layer and those checks (bench/infer.py's model,
-in one process, interleaved, median of 9): batch 1 793.6 -> 888.5 tokens/s, 32 sequences 4912 -> 5652.
+for more tokens a reduction reads the weight once per token, and a GEMM call (a few microseconds from the graph)
+reads it once for all, so from two tokens the linears are GEMMs (the Intel Xeon with AMX, 8M benchmark model, one
+compiled step of N tokens, GEMM vs reductions, float32 weights: N=1 1.01 vs 0.99 ms, 2: 1.26 vs 1.52, 4: 1.49 vs
+1.98, 8: 1.79 vs 2.66). On x86 CPUs the GEMMs are oneDNN's on a packed copy of each weight (pack()): MKL's, which
+F.linear calls, is 2-3x slower for few rows on AMD's CPUs (see packs()). bfloat16 weights halve the bytes a reduction
+streams but make GEMMs of few rows slow (N=2: 1.74 vs 1.08 ms; 4: 1.86 vs 1.49), so with them two tokens are
+reductions too; and so are two tokens on CPUs without AMX, where oneDNN's float32 GEMM of two rows is slower than the
+reductions (see gemm_from()). The routed experts are fused reductions at every count, each token-expert pair reading
+its expert's weights: the exact FLOPs. Two batched matmuls over all experts and all tokens (weighted by the router,
+zero for the experts a token did not choose) do E/K times the FLOPs and were slower (4 tokens 1.86 vs 1.57 ms, 32
+sequences 4.0 vs 3.5). Attention over the latent cache (products and sums instead of einsums) and the router (its
+scores a reduction at every count: a GEMM call of E outputs costs more than it computes, ~0.15 ms per layer at 32
+tokens on the AMD CPU; its top-k as argmax passes) are fused loops as well, so a one-token step is a single C++
+kernel; and the graphs' wrappers do not re-check their inputs' sizes (dynamo's guards have). Against batched matmuls,
+a matmul and a topk library call per layer and those checks (bench/infer.py's model, in one process, interleaved,
+median of 9): batch 1 793.6 -> 888.5 tokens/s, 32 sequences 4912 -> 5652.
+Where two tokens are reductions, they load each weight element once for both (see _reduce).
 
 Shapes are static except the key length and the number of tokens: two graphs per step function and weight dtype serve
 a whole session, one for a single token (torch specialises size 1) and one for any other count (bfloat16 weights, and
