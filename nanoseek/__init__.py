@@ -21,10 +21,10 @@ def resolve(path: str | Path) -> tuple[Path, Path | None]:
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p} does not exist")
-    model_dir = p
     if p.is_file():
         raise UserError(f"{p} is a file: give the directory that holds it (a run, a checkpoint or a transformers "
                         "directory)")
+    model_dir = p
     if not (p / "config.json").exists():
         stages = [p / s for s in STAGES if (p / s / "config.json").exists()]
         if not stages:

@@ -353,6 +353,10 @@ def ensure_tokenizer(args, run_dir: Path, default_vocab_size: int, force: bool =
         other_corpus = record.get("corpus", corpus) != corpus  # (a tokenizer made before the record: unknown)
         made_for = record.get("vocab_size", tok.vocab_size)  # (a small corpus may give fewer tokens than asked)
         other_size = args.vocab_size is not None and args.vocab_size != made_for
+        if args.vocab_size is None and tok.vocab_size != default_vocab_size and made_for != default_vocab_size:
+            # (made for another size; a shortfall from a small corpus was said when it was trained)
+            print(f"note: {tok_dir} has {tok.vocab_size} tokens, not {default_vocab_size}: a model trained with it "
+                  "takes its vocabulary")
         if not (other_corpus or other_size):
             return tok
         why = " and ".join(["another corpus"] * other_corpus

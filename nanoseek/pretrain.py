@@ -225,9 +225,6 @@ def train(args):
                         "changed), so its data position would mean other text: restore the corpus, or start again "
                         "with --overwrite")
     if not args.resume:  # the model's vocabulary is the tokenizer's
-        if tok.vocab_size != (args.vocab_size or cfg.vocab_size) and d.main:
-            print(f"note: vocab_size {tok.vocab_size}, the tokenizer's in {run_dir / 'tokenizer'} (the model config "
-                  f"asked for {cfg.vocab_size})")
         cfg = cfg.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                           pad_token_id=tok.pad_id)
     if tok.vocab_size > cfg.vocab_size:
@@ -424,11 +421,13 @@ def _check_resume_arguments(args, saved: dict) -> None:
             continue
         if name in saved and getattr(args, name) != saved[name]:
             flag = "--" + name.replace("_", "-")
+            raise UserError(f"--resume: {flag} is {_shown(getattr(args, name))} but the run was started with "
+                            f"{_shown(saved[name])}; resume with the same value")
 
-            def shown(v):
-                return " ".join(v) if isinstance(v, list) else "the built-in corpus" if v is None else repr(v)
-            raise UserError(f"--resume: {flag} is {shown(getattr(args, name))} but the run was started with "
-                            f"{shown(saved[name])}; resume with the same value")
+
+def _shown(value) -> str:
+    """An argument's value in a message: paths as given, no --data as the built-in corpus."""
+    return " ".join(value) if isinstance(value, list) else "the built-in corpus" if value is None else repr(value)
 
 
 def _same_files(a: list[str] | None, b: list[str] | None) -> bool:

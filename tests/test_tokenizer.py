@@ -173,7 +173,11 @@ def test_a_run_started_again_on_another_corpus_gets_a_new_tokenizer(tmp_path, ca
     (run / "base" / "config.json").write_text("{}")
     with pytest.raises(UserError, match="holds a model trained with"):
         tokenizer_command(args("a.txt", force=True))
-    assert ensure_tokenizer(args("b.txt", vocab_size=None), run, 300).vocab_size == 280
-    # a corpus too small for the size asked for says so
+    capsys.readouterr()
+    assert ensure_tokenizer(args("b.txt", vocab_size=None), run, 300).vocab_size == 280  # the model follows it
+    assert "has 280 tokens, not 300: a model trained with it takes its vocabulary" in capsys.readouterr().out
+    # a corpus too small for the size asked for says so, once: not again when the tokenizer is used
     small = ensure_tokenizer(args("a.txt", vocab_size=20000), tmp_path / "small", 300)
     assert small.vocab_size < 20000 and "not the 20000 asked for" in capsys.readouterr().out
+    ensure_tokenizer(args("a.txt", vocab_size=None), tmp_path / "small", 20000)
+    assert capsys.readouterr().out == ""
