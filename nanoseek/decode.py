@@ -358,8 +358,9 @@ def _speculate(w: ModelWeights, h_prev, mtp_ids, last, ids, mtp_rows, mtp_pos, m
 _GRAPHS: dict = {}  # compiled once per process: refolded weights (new tensors, same shapes) reuse the graphs
 
 
-def _graph(fn):
-    if fn not in _GRAPHS:
+def _graph(fn, device: torch.device):
+    key = (fn, device.type)
+    if key not in _GRAPHS:
         # graphs per weight dtype, cache dtype and one/many tokens: more than dynamo's default limit of 8 per
         # function (named cache_size_limit before torch 2.7) in a process that runs several engines
         cfg = torch._dynamo.config
@@ -368,15 +369,18 @@ def _graph(fn):
         # no runtime checks of the inputs' sizes in the graph's wrapper: dynamo's guards have checked them
         options = {k: False for k in ("size_asserts", "alignment_asserts", "scalar_asserts")
                    if hasattr(torch._inductor.config, k)}
-        # an intermediate read by two loops is written once, not recomputed in each (inductor's default: from four
-        # reads). A normalised input that feeds a linear is otherwise recomputed in the linear's inner loop, for
-        # every output, beside the weight; in the routed experts' loops, for every token-expert pair. On the AMD
-        # EPYC, in one process, interleaved: one compiled call, bench/infer.py's P7 checkpoint, batch 1, plain
-        # 541 / 561 -> 510 / 519 us, speculative 1068 / 1039 -> 936 / 924 us (two runs); bench/infer.py's P5
-        # model, 32 sequences, bf16 weights, 4087 -> 5021 tokens/s (fp32 3813 -> 3941). The same tokens.
-        options["realize_reads_threshold"] = 2
-        _GRAPHS[fn] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
-    return _GRAPHS[fn]
+        if device.type == "cpu":
+            # an intermediate read by two loops is written once, not recomputed in each (inductor's default: from
+            # four reads). A normalised input that feeds a linear is otherwise recomputed in the linear's inner
+            # loop, for every output, beside the weight; in the routed experts' loops, for every token-expert
+            # pair. On the AMD EPYC, in one process, interleaved: one compiled call, bench/infer.py's P7
+            # checkpoint, batch 1, plain 541 / 561 -> 510 / 519 us, speculative 1068 / 1039 -> 936 / 924 us (two
+            # runs); bench/infer.py's P5 model, 32 sequences, bf16 weights, 4087 -> 5021 tokens/s (fp32 3813 ->
+            # 3941). The same tokens. (On a GPU, where a step's cost is its kernel launches, more buffers would
+            # split kernels: not measured, not applied.)
+            options["realize_reads_threshold"] = 2
+        _GRAPHS[key] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    return _GRAPHS[key]
 
 
 class CompiledSteps:
@@ -432,4 +436,4 @@ class CompiledSteps:
             for t in inputs:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         gemms = tokens >= gemm_from(self.weights.head)
-        return _graph(fn)(self.packed if gemms else self.weights, *inputs, *buffers)
+        return _graph(fn, self.weights.head.device)(self.packed if gemms else self.weights, *inputs, *buffers)

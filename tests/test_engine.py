@@ -592,7 +592,7 @@ def test_compiled_graphs_follow_retrained_weights_without_recompiling(trained, c
 def test_compile_falls_back_to_eager_when_the_compiler_fails(trained, monkeypatch, capsys):
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: no C++ compiler")
-    monkeypatch.setattr(decode, "_graph", lambda fn: broken)
+    monkeypatch.setattr(decode, "_graph", lambda fn, device: broken)
     engine = Engine(trained, max_batch=1, compile=True)
     out = engine.generate([[1, 2]], GREEDY)[0]
     assert out.tokens == greedy_reference(trained, [1, 2], 12)
