@@ -370,14 +370,14 @@ def _graph(fn, device: torch.device):
         options = {k: False for k in ("size_asserts", "alignment_asserts", "scalar_asserts")
                    if hasattr(torch._inductor.config, k)}
         if device.type == "cpu":
-            # an intermediate read by two loops is written once, not recomputed in each (inductor's default: from
-            # four reads). A normalised input that feeds a linear is otherwise recomputed in the linear's inner
-            # loop, for every output, beside the weight; in the routed experts' loops, for every token-expert
-            # pair. On the AMD EPYC, in one process, interleaved: one compiled call, bench/infer.py's P7
-            # checkpoint, batch 1, plain 541 / 561 -> 510 / 519 us, speculative 1068 / 1039 -> 936 / 924 us (two
-            # runs); bench/infer.py's P5 model, 32 sequences, bf16 weights, 4087 -> 5021 tokens/s (fp32 3813 ->
-            # 3941). The same tokens. (On a GPU, where a step's cost is its kernel launches, more buffers would
-            # split kernels: not measured, not applied.)
+            # an intermediate that several loops use is written once, not recomputed in each, when computing it reads
+            # more than two tensors (inductor's default: more than four). An rms-normed input (the input, its mean
+            # square, the gain) that feeds a linear is otherwise recomputed in the linear's inner loop, for every
+            # output, beside the weight; in the routed experts' loops, for every token-expert pair. On the AMD EPYC, in
+            # one process, interleaved: one compiled call, bench/infer.py's P7 checkpoint, batch 1, plain 541 / 561 ->
+            # 510 / 519 us, speculative 1068 / 1039 -> 936 / 924 us (two runs); bench/infer.py's P5 model, 32 sequences,
+            # bf16 weights, 4087 -> 5021 tokens/s (fp32 3813 -> 3941). The same tokens. (On a GPU, where a step's cost
+            # is its kernel launches, more buffers would split kernels: not measured, not applied.)
             options["realize_reads_threshold"] = 2
         _GRAPHS[key] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
     return _GRAPHS[key]
