@@ -313,9 +313,15 @@ def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return best, logits.log_softmax(-1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
 
 
-def _main(w: ModelWeights, ids, rows, pos, visible, caches):
+def _visible(keys, pos):
+    """Which of the keys 0..T-1 (keys: that arange) each new token at position pos [N] sees: [N, T] (causal over
+    its own sequence's history; the keys beyond a shorter sequence's are masked)."""
+    return keys <= pos[:, None]
+
+
+def _main(w: ModelWeights, ids, rows, pos, keys, caches):
     """-> final-normed hidden states [N, H], logits [N, V] (fp32), and pick(logits)."""
-    cos, sin = w.cos[pos], w.sin[pos]
+    cos, sin, visible = w.cos[pos], w.sin[pos], _visible(keys, pos)
     h = w.embed[ids].float()
     for p, cache in zip(w.layers, caches):
         h = _layer(p, w.cfg, h, cos, sin, rows, pos, visible, cache)
@@ -324,10 +330,10 @@ def _main(w: ModelWeights, ids, rows, pos, visible, caches):
     return h, logits, *pick(logits)
 
 
-def _mtp_hidden(w: ModelWeights, h_prev, ids, rows, pos, visible, cache):
+def _mtp_hidden(w: ModelWeights, h_prev, ids, rows, pos, keys, cache):
     """The MTP module on pairs (h_prev[n], token ids[n]) -> its hidden states [N, H] (before its norm)."""
     m = w.mtp
-    cos, sin = w.cos[pos], w.sin[pos]
+    cos, sin, visible = w.cos[pos], w.sin[pos], _visible(keys, pos)
     emb = F.rms_norm(w.embed[ids].float(), h_prev.shape[-1:], m.enorm, m.eps)
     x = _linear(torch.cat((emb, F.rms_norm(h_prev.float(), h_prev.shape[-1:], m.hnorm, m.eps)), -1), m.eh_proj)
     return _layer(m.layer, w.cfg, x, cos, sin, rows, pos, visible, cache)
@@ -337,22 +343,21 @@ def _mtp_logits(w: ModelWeights, h):
     return _linear(F.rms_norm(h, h.shape[-1:], w.mtp.norm, w.mtp.eps), w.head)
 
 
-def _mtp(w: ModelWeights, h_prev, ids, rows, pos, visible, cache):
+def _mtp(w: ModelWeights, h_prev, ids, rows, pos, keys, cache):
     """-> the MTP module's hidden states [N, H] and the logits of its drafts [N, V]."""
-    h = _mtp_hidden(w, h_prev, ids, rows, pos, visible, cache)
+    h = _mtp_hidden(w, h_prev, ids, rows, pos, keys, cache)
     return h, _mtp_logits(w, h)
 
 
-def _speculate(w: ModelWeights, h_prev, mtp_ids, last, ids, mtp_rows, mtp_pos, mtp_visible, rows, pos, visible,
-               mtp_cache, caches):
+def _speculate(w: ModelWeights, h_prev, mtp_ids, last, ids, mtp_rows, mtp_pos, rows, pos, keys, mtp_cache, caches):
     """A greedy speculative step (engine.Engine._speculate) as one graph: the MTP module takes two (hidden, token)
     pairs per sequence (h_prev [2B, H], mtp_ids [2B]) and drafts the argmax at each sequence's pair last[b]; the
     main model runs [ids[b], draft[b]]. -> the drafts [B], the main model's hidden states [2B, H], logits [2B, V]
     and pick(logits)."""
     B = ids.shape[0]
-    h = _mtp_hidden(w, h_prev, mtp_ids, mtp_rows, mtp_pos, mtp_visible, mtp_cache).view(B, 2, -1)
+    h = _mtp_hidden(w, h_prev, mtp_ids, mtp_rows, mtp_pos, keys, mtp_cache).view(B, 2, -1)
     drafts = _mtp_logits(w, h[torch.arange(B, device=h.device), last]).argmax(-1)
-    return drafts, *_main(w, torch.stack((ids, drafts), 1).reshape(-1), rows, pos, visible, caches)
+    return drafts, *_main(w, torch.stack((ids, drafts), 1).reshape(-1), rows, pos, keys, caches)
 
 
 _GRAPHS: dict = {}  # compiled once per process: refolded weights (new tensors, same shapes) reuse the graphs
@@ -396,13 +401,13 @@ class CompiledSteps:
 
     def main(self, ids: torch.Tensor, cache):
         B, S = ids.shape
-        h, logits, best, logp = self._call(_main, (ids.reshape(-1),), cache, B * S > 1, B * S,
+        h, logits, best, logp = self._call(_main, (ids.reshape(-1),), (cache,), B * S > 1, B * S,
                                            [b[0] for b in cache.buffers])
         return h.view(B, S, -1), logits.view(B, S, -1), best.view(B, S), logp.view(B, S)
 
     def mtp(self, h_prev: torch.Tensor, ids: torch.Tensor, cache):
         B, S = ids.shape
-        h, logits = self._call(_mtp, (h_prev.reshape(B * S, -1), ids.reshape(-1)), cache, B * S > 1, B * S,
+        h, logits = self._call(_mtp, (h_prev.reshape(B * S, -1), ids.reshape(-1)), (cache,), B * S > 1, B * S,
                                cache.buffers[0][0])
         return h.view(B, S, -1), logits.view(B, S, -1)
 
@@ -413,25 +418,29 @@ class CompiledSteps:
         _speculate)."""
         B = ids.shape[0]
         drafts, h, logits, best, logp = self._call(
-            _speculate, (h_prev.reshape(2 * B, -1), mtp_ids.reshape(-1), last, ids, *self._where(mtp_cache)), cache,
-            B > 1, 2 * B, mtp_cache.buffers[0][0], [b[0] for b in cache.buffers])
+            _speculate, (h_prev.reshape(2 * B, -1), mtp_ids.reshape(-1), last, ids), (mtp_cache, cache), B > 1,
+            2 * B, mtp_cache.buffers[0][0], [b[0] for b in cache.buffers])
         return drafts, h.view(B, 2, -1), logits.view(B, 2, -1), best.view(B, 2), logp.view(B, 2)
 
     @staticmethod
-    def _where(cache):
-        """A begun cache's rows [N], positions [N] and visible keys [N, T] of its N = B * S new tokens."""
-        B, S = cache.positions.shape
-        visible = cache.mask.reshape(B * S, -1)
-        if visible.shape[1] == 1:  # a one-key graph would be compiled apart (size 1 is specialised): pad
-            visible = F.pad(visible, (0, 1))
-        torch._dynamo.maybe_mark_dynamic(visible, 1)
-        return cache.rows.repeat_interleave(S), cache.positions.reshape(-1), visible
+    def _keys(caches) -> torch.Tensor:
+        """0..T-1 for the longest of the begun caches' key lengths T: the graphs compute which keys each token
+        sees from it (_visible), rather than taking the caches' masks (a few tensor operations fewer per step,
+        each ~10 us right after a step, whose weights have evicted the interpreter from the CPU's caches). At
+        least two keys: a one-key graph would be compiled apart (size 1 is specialised); the keys beyond a
+        cache's own length are masked."""
+        keys = torch.arange(max(2, *(c.T for c in caches)), device=caches[0].device)
+        torch._dynamo.maybe_mark_dynamic(keys, 0)
+        return keys
 
-    def _call(self, fn, inputs, cache, dynamic: bool, tokens: int, *buffers):
-        """fn(weights, *inputs, *where cache's new tokens are, *buffers); dynamic: one graph for every token count
-        but 1 (every sequence count but 1 for _speculate); tokens: how many the main model or the MTP module takes
-        (the packed weights go with the graphs that multiply GEMMs)."""
-        inputs = (*inputs, *self._where(cache))
+    def _call(self, fn, inputs, caches, dynamic: bool, tokens: int, *buffers):
+        """fn(weights, *inputs, *where each begun cache's new tokens are (their rows and positions), keys,
+        *buffers); dynamic: one graph for every token count but 1 (every sequence count but 1 for _speculate);
+        tokens: how many the main model or the MTP module takes (the packed weights go with the graphs that
+        multiply GEMMs)."""
+        where = [t for c in caches
+                 for t in (c.rows if c.S == 1 else c.rows.repeat_interleave(c.S), c.positions.reshape(-1))]
+        inputs = (*inputs, *where, self._keys(caches))
         if dynamic:
             for t in inputs:
                 torch._dynamo.maybe_mark_dynamic(t, 0)

@@ -233,9 +233,16 @@ class KVCache:
         start = torch.tensor(starts, device=self.device)
         self.positions = start[:, None] + torch.arange(S, device=self.device)  # [B, S]
         self.rows = torch.tensor(slots, device=self.device)
-        # causal over each row's own history: key t is visible to the query at position p iff t <= p
-        self.mask = (torch.arange(T, device=self.device) <= self.positions[..., None])[:, None]  # [B, 1, S, T]
+        self._mask = None
         return self.positions
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, 1, S, T], causal over each row's own history: key t is visible to the query at position p iff
+        t <= p. Built on first use: the compiled steps build theirs inside the graph (see decode.CompiledSteps)."""
+        if self._mask is None:
+            self._mask = (torch.arange(self.T, device=self.device) <= self.positions[..., None])[:, None]
+        return self._mask
 
     def update(self, layer_idx: int, *new: torch.Tensor):
         """The attention layers' hook: store new [B, S, ...], return (*all [B, T, ...], mask [B, 1, S, T])."""
