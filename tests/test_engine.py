@@ -589,6 +589,25 @@ def test_compiled_graphs_follow_retrained_weights_without_recompiling(trained, c
     assert engine.forward.compiled is not None
 
 
+def test_compiled_steps_run_past_dynamo_once_compiled(trained, monkeypatch, compiler):
+    """Once a step function is compiled for its inputs, the engine runs the compiled code directly, after its guards
+    (decode.DirectCalls); inputs that no compiled variant accepts (here: two sequences) go through torch.compile,
+    which compiles for them, and then run directly too. The same tokens throughout."""
+    engine = Engine(trained, max_batch=2, compile=True)
+    assert engine.generate([[1, 2]], GREEDY)[0].tokens == greedy_reference(trained, [1, 2], 12)
+    through_dynamo = []
+    for graph in decode._GRAPHS.values():
+        monkeypatch.setattr(graph, "compiled", lambda *a, c=graph.compiled: through_dynamo.append(1) or c(*a))
+    assert engine.generate([[1, 2]], GREEDY)[0].tokens == greedy_reference(trained, [1, 2], 12)
+    assert not through_dynamo
+    out = engine.generate([[1, 2], [3]], GREEDY)
+    assert [o.tokens for o in out] == [greedy_reference(trained, p, 12) for p in ([1, 2], [3])]
+    assert through_dynamo and engine.forward.compiled is not None
+    through_dynamo.clear()
+    assert [o.tokens for o in engine.generate([[1, 2], [3]], GREEDY)] == [o.tokens for o in out]
+    assert not through_dynamo
+
+
 def test_compile_falls_back_to_eager_when_the_compiler_fails(trained, monkeypatch, capsys):
     def broken(*args):
         raise RuntimeError("InvalidCxxCompiler: no C++ compiler")
