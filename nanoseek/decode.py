@@ -409,8 +409,10 @@ class DirectCalls:
 
     def __call__(self, *args):
         frame = dict(zip(self.names, args))
-        for check, run in self.variants:
+        for i, (check, run) in enumerate(self.variants):
             if check(frame):
+                if i:  # the variant that served last is tried first next time
+                    self.variants = (self.variants[i], *self.variants[:i], *self.variants[i + 1:])
                 return run(*args)
         out = self.compiled(*args)
         self.variants = self._variants()
@@ -477,7 +479,7 @@ class CompiledSteps:
         tokens: how many the main model or the MTP module takes (the packed weights go with the graphs that
         multiply GEMMs)."""
         where = [t for c in caches
-                 for t in (c.rows if c.S == 1 else c.rows.repeat_interleave(c.S), c.positions.reshape(-1))]
+                 for t in (c.token_rows, c.positions.reshape(-1))]
         inputs = (*inputs, *where, self._keys(caches))
         if dynamic:
             for t in inputs:

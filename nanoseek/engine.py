@@ -201,6 +201,7 @@ class KVCache:
         self.lengths = [0] * max_batch
         self.free_slots = list(range(max_batch - 1, -1, -1))  # pop() hands out the lowest slot first
         self.device = device
+        self._rows_for = None
 
     @property
     def bytes_per_token_per_layer(self) -> int:
@@ -233,7 +234,10 @@ class KVCache:
         # one tensor built from Python ints: each tensor operation between two steps costs ~10 us on the CPU
         # (the step's weights have evicted the interpreter from its caches)
         self.positions = torch.tensor([range(p, p + S) for p in starts], device=self.device)  # [B, S]
-        self.rows = torch.tensor(slots, device=self.device)
+        if (slots, S) != self._rows_for:  # (the same batch step after step: kept)
+            self._rows_for = (list(slots), S)
+            self.rows = torch.tensor(slots, device=self.device)  # [B]
+            self.token_rows = self.rows.repeat_interleave(S) if S > 1 else self.rows  # [B * S]: each new token's row
         self._mask = None
         return self.positions
 
