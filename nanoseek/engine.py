@@ -282,6 +282,12 @@ class _Forward:
     def prefill(self, ids, positions, cache):
         return self.hidden(ids, positions, cache)
 
+    def decode_sampled(self, ids, cache, temps, ks, top, u):
+        """decode() of one new token per sequence with the tokens drawn in the compiled graph (decode.sample): its
+        outputs with the tokens and their log-probs for pick's, or None where there is no graph (then the engine
+        samples eagerly)."""
+        return None
+
     def mtp_decode(self, h_prev, next_ids, positions, cache):
         h = self.mtp_hidden(h_prev, next_ids, positions, cache)
         return h, self.mtp_logits(h)
@@ -516,6 +522,9 @@ class FastForward(_Forward):
     def decode(self, ids, positions, cache):
         return self._compiled("main", ids, cache) or super().decode(ids, positions, cache)
 
+    def decode_sampled(self, ids, cache, temps, ks, top, u):
+        return self._compiled("main_sampled", ids, cache, temps, ks, u, top)
+
     def mtp_decode(self, h_prev, next_ids, positions, cache):
         return self._compiled("mtp", h_prev, next_ids, cache) or super().mtp_decode(h_prev, next_ids, positions, cache)
 
@@ -599,11 +608,13 @@ def penalize(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output:
     return logits
 
 
-def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def draw(probs: torch.Tensor, generators: list[torch.Generator], u: list[float] | None = None) -> torch.Tensor:
     """One token per row of probs [B, V], row b drawn with generators[b] (a seeded request draws the same random
-    numbers whatever else is in the batch): inverse CDF with one uniform number per row, batched (one
-    torch.multinomial per row costs ~75 us at V=4096, which at batch 32 was a fifth of a decode step)."""
-    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(probs.device)
+    numbers whatever else is in the batch), or with u[b] already drawn from it: inverse CDF with one uniform number
+    per row, batched (one torch.multinomial per row costs ~75 us at V=4096, which at batch 32 was a fifth of a
+    decode step). decode.sample does the same inside the compiled graphs."""
+    u = torch.stack([torch.rand((), generator=g) for g in generators]) if u is None else torch.tensor(u)
+    u = u.to(probs.device)
     cdf = probs.float().cumsum(-1)
     # the first token whose cumulative probability exceeds u * total: zero-probability tokens are never drawn
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
@@ -661,6 +672,7 @@ class Engine:
         self.running: list[_Sequence] = []
         self.sequences: dict[int, _Sequence] = {}
         self._ids = itertools.count()
+        self._sampling_for: tuple = (None, None)  # (sequence ids, _sampling's tensors for them)
         self.stats = {"drafted": 0, "accepted": 0}
 
     def _make_forward(self):
@@ -673,12 +685,11 @@ class Engine:
         than during the first requests (a no-op cost without compile: a few milliseconds). The main model's graphs
         are for 1 token, 2 (see decode.gemm_from) and any other count: prompts of 1, 2 and 3 tokens alone prefill
         through them, so that one sequence at a time (a chat) meets no new graph either, and batches of 2 and 3
-        decode through them. params: the sampling the requests will use (default: greedy and sampled). Only a
-        speculative engine's graphs depend on it: its greedy steps are one graph, its sampled or penalized steps
-        draft through the MTP module's own graphs."""
+        decode through them. params: the sampling the requests will use (default: greedy and sampled): sampled
+        decoding steps have graphs of their own (the tokens are drawn in them, decode.sample), and a speculative
+        engine's greedy steps are one graph, its sampled or penalized steps draft through the MTP module's own
+        graphs."""
         kinds = [params] if params is not None else [SamplingParams(temperature=0), SamplingParams()]
-        if not self.speculative:
-            kinds = kinds[:1]
         kinds = [dataclasses.replace(p, max_new_tokens=4, stop_token_ids=(), stop_check=None, seed=0) for p in kinds]
         for n, length in ((1, 1), (1, 2), (1, 3), (2, 2), (3, 2)):
             if n <= self.cache.max_batch:
@@ -843,20 +854,45 @@ class Engine:
         slots = [s.slot for s in seqs]
         ids = torch.tensor([[s.last] for s in seqs], device=self.cache.device)
         positions = self.cache.begin(slots, 1)
+        u = None
+        if not all(s.params.greedy for s in seqs) and not any(s.params.penalized or s.params.top_p < 1 for s in seqs):
+            # sampled in the compiled graph when there is one (decode.sample): each row's uniform number is drawn
+            # here from its own generator, and serves the eager draw as well when the graph is not there
+            u = [0.0 if s.params.greedy else float(torch.rand((), generator=s.generator)) for s in seqs]
+            out = self.forward.decode_sampled(ids, self.cache, *self._sampling(seqs), torch.tensor(u))
+            if out is not None:
+                self.cache.advance(slots, [1] * len(seqs))
+                _, logits, tokens, logp = out
+                return self._emit_all(seqs, tokens[:, 0].tolist(), logp[:, 0].tolist(), self._tops(logits[:, 0], seqs))
         _, logits, best, logp = self.forward.decode(ids, positions, self.cache)
         self.cache.advance(slots, [1] * len(seqs))
-        tokens, logprobs, tops = self._sample(logits[:, 0], seqs, (best[:, 0], logp[:, 0]))
+        return self._emit_all(seqs, *self._sample(logits[:, 0], seqs, (best[:, 0], logp[:, 0]), u))
+
+    def _sampling(self, seqs: list[_Sequence]) -> tuple:
+        """decode.sample's settings for seqs: temperatures (0: greedy) and top-k (0: off) [B], and the bound of the
+        top-k (a power of two; 0: none); kept while the batch stays the same."""
+        key = [s.id for s in seqs]
+        if key != self._sampling_for[0]:
+            V, device = self.model.config.vocab_size, self.cache.device
+            ks = [s.params.top_k if s.params.top_k < V else 0 for s in seqs]
+            self._sampling_for = key, (
+                torch.tensor([0.0 if s.params.greedy else s.params.temperature for s in seqs], device=device),
+                torch.tensor(ks, device=device), min(V, 1 << (max(ks) - 1).bit_length()) if max(ks) else 0)
+        return self._sampling_for[1]
+
+    def _emit_all(self, seqs: list[_Sequence], tokens: list[int], logprobs: list[float], tops: list) -> list[Event]:
         events = []
         for seq, t, lp, top in zip(seqs, tokens, logprobs, tops):
             events += self._emit(seq, [t], [lp], [top])
         return events
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence], picked=None):
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence], picked=None, u: list[float] | None = None):
         """logits [B, V] fp32 -> one token per row (argmax, or sampled with the row's own generator: a seeded
         request draws the same random numbers whatever else is in the batch; the logits themselves may differ in
         their last bits with the batch's size, which picks the kernels, so a near-tie can go either way), its
         log-prob, and the row's top_logprobs most likely tokens (None where not asked for). picked: the greedy
-        choice and its log-prob [B] (decode.pick), taken as they are when every row is greedy without penalties."""
+        choice and its log-prob [B] (decode.pick), taken as they are when every row is greedy without penalties. u:
+        the rows' uniform numbers, if already drawn from their generators (0 for greedy rows)."""
         if picked is not None and all(s.params.greedy and not s.params.penalized for s in seqs):
             return picked[0].tolist(), picked[1].tolist(), self._tops(logits, seqs)
         choice = self._penalized(logits[:, None], seqs)[:, 0]
@@ -864,7 +900,7 @@ class Engine:
         rows = [b for b, seq in enumerate(seqs) if not seq.params.greedy]
         if rows:
             probs = torch.stack([filtered_probs(choice[b], seqs[b].params) for b in rows])
-            tokens[rows] = draw(probs, [seqs[b].generator for b in rows])
+            tokens[rows] = draw(probs, [seqs[b].generator for b in rows], None if u is None else [u[b] for b in rows])
         logp = logits.log_softmax(-1)
         logprobs = logp.gather(1, tokens[:, None])[:, 0]
         return tokens.tolist(), logprobs.tolist(), self._tops(logits, seqs, logp)

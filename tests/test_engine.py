@@ -548,6 +548,32 @@ def test_a_packed_linear_equals_f_linear(dtype):
     assert all(isinstance(m, decode.Packed) for m in (w.head, w.layers[0].w_in, w.layers[1].gate_up, w.mtp.eh_proj))
 
 
+def test_compiled_sampling_draws_the_eager_tokens(trained, compiler):
+    """Sampled decoding steps draw their tokens inside the compiled graph (decode.sample): temperature and top-k,
+    greedy rows beside sampled ones; top-p and penalties sample eagerly after the graph. The same seeds give the
+    same tokens as eager decoding, alone and batched."""
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [40, 41, 9]]
+    params = [SamplingParams(temperature=1.3, seed=1, max_new_tokens=20),
+              SamplingParams(temperature=0, max_new_tokens=20),
+              SamplingParams(temperature=2.0, top_k=5, seed=2, max_new_tokens=20)]
+    nucleus = SamplingParams(temperature=1.5, top_p=0.8, seed=3, max_new_tokens=20)
+    eager = Engine(trained, max_batch=3)
+    expected = [o.tokens for o in eager.generate(prompts, params)] + [eager.generate(prompts[:1], nucleus)[0].tokens]
+    assert len({tuple(t) for t in expected}) == 4
+    for batch in (1, 3):
+        engine = Engine(trained, max_batch=batch, compile=True)
+        out = [o.tokens for i in range(0, 3, batch)
+               for o in engine.generate(prompts[i: i + batch], params[i: i + batch])]
+        out.append(engine.generate(prompts[:1], nucleus)[0].tokens)
+        assert out == expected and engine.forward.compiled is not None
+    calls = []
+    steps = engine.forward.compiled
+    main_sampled = steps.main_sampled
+    steps.main_sampled = lambda *a: calls.append(1) or main_sampled(*a)
+    engine.generate(prompts, params)
+    assert len(calls) >= 19  # (a step with the greedy row alone is a greedy one)
+
+
 def test_compiled_engine_prefills_through_its_graph_up_to_the_limit(trained, monkeypatch, compiler):
     """A compiled engine prefills a prompt through its compiled step, and eagerly beyond COMPILED_PREFILL_TOKENS;
     the same tokens either way."""
