@@ -859,7 +859,8 @@ class Engine:
             # sampled in the compiled graph when there is one (decode.sample): each row's uniform number is drawn
             # here from its own generator, and serves the eager draw as well when the graph is not there
             u = [0.0 if s.params.greedy else float(torch.rand((), generator=s.generator)) for s in seqs]
-            out = self.forward.decode_sampled(ids, self.cache, *self._sampling(seqs), torch.tensor(u))
+            uniform = torch.tensor(u, device=ids.device)
+            out = self.forward.decode_sampled(ids, self.cache, *self._sampling(seqs), uniform)
             if out is not None:
                 self.cache.advance(slots, [1] * len(seqs))
                 _, logits, tokens, logp = out
