@@ -27,11 +27,12 @@ Shapes are static except the key length and the number of tokens: two graphs per
 a whole session, one for a single token (torch specialises size 1) and one for any other count (bfloat16 weights, and
 CPUs without AMX: a third for two); each compiles on first use or in Engine.warm_up() (~10-30 s on two cores, a few
 seconds once torch's on-disk cache has it). The step functions: the main model (decoding, and prefilling short
-prompts), the MTP module (speculative sampling), and a whole greedy speculative step, the MTP module's draft and the
-main model's verification in one graph (one sequence or any other count). One graph call instead of two, and no eager
-argmax between them: on bench/infer.py's P7 checkpoint, batch 1, 1.92 -> 1.65 ms per step, 978 -> 1139 tokens/s
-against plain decoding's 1028. The weights are folded once for absorbed MLA (the same folding as the eager fast path)
-and passed to the graphs as inputs, so refolded weights after training reuse the compiled graphs.
+prompts; greedy, or drawing sampled tokens in the graph: sample()), the MTP module (speculative sampling), and a
+whole greedy speculative step, the MTP module's draft and the main model's verification in one graph (one sequence
+or any other count). One graph call instead of two, and no eager argmax between them: on bench/infer.py's P7
+checkpoint, batch 1, 1.92 -> 1.65 ms per step, 978 -> 1139 tokens/s against plain decoding's 1028. The weights
+are folded once for absorbed MLA (the same folding as the eager fast path) and passed to the graphs as inputs, so
+refolded weights after training reuse the compiled graphs.
 
 Shapes: N tokens (a batch's sequences times the new tokens of each, flattened), T key length, H hidden,
 E routed experts, K experts per token.
@@ -512,8 +513,7 @@ class CompiledSteps:
         *buffers); dynamic: one graph for every token count but 1 (every sequence count but 1 for _speculate);
         tokens: how many the main model or the MTP module takes (the packed weights go with the graphs that
         multiply GEMMs)."""
-        where = [t for c in caches
-                 for t in (c.token_rows, c.positions.reshape(-1))]
+        where = [t for c in caches for t in (c.token_rows, c.positions.reshape(-1))]
         inputs = (*inputs, *where, self._keys(caches))
         if dynamic:
             for t in inputs:
