@@ -280,9 +280,10 @@ def _experts(x, weights, idx, gate_up, down):
     return (y.view(N, K, -1) * weights.unsqueeze(-1)).sum(1)
 
 
-def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache):
+def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache, keep=None):
     """One decoder layer for N new tokens: token n is at position pos[n] of cache row rows[n] and sees the keys
-    visible[n] [T]. Writes the tokens' latents into the cache first, so tokens of one sequence see each other."""
+    visible[n] [T]. Writes the tokens' latents into the cache first, so tokens of one sequence see each other.
+    keep: the tokens whose outputs are wanted (the others only write their cache entries), default all."""
     N = h.shape[0]
     x = F.rms_norm(h, h.shape[-1:], p.norm1, p.eps)
     a, c_kv, k_rot = _linear(x, p.w_in).split(p.split, -1)
@@ -292,6 +293,9 @@ def _layer(p: LayerWeights, cfg, h, cos, sin, rows, pos, visible, cache):
     q = torch.cat((q[..., : p.dc], apply_rope(q[..., p.dc:], cos[:, None], sin[:, None])), -1)
     latent = torch.cat((F.rms_norm(c_kv, c_kv.shape[-1:], p.kv_norm, p.latent_eps), apply_rope(k_rot, cos, sin)), -1)
     cache[rows, pos] = latent.to(cache.dtype)
+    if keep is not None:
+        h, q, rows, visible = h[keep], q[keep], rows[keep], visible[keep]
+        N = h.shape[0]
     kv = cache[rows, : visible.shape[1]].unsqueeze(1).float()  # [N, 1, T, dc + dr]
     # MQA over the latent: every head attends to the same [c_kv ; k_rot]; the value is c_kv itself. Products
     # and sums rather than einsums: fused reductions reading the cache in place (batched matmuls are library
@@ -360,13 +364,14 @@ def _main_sampled(w: ModelWeights, ids, temps, ks, u, rows, pos, keys, caches, t
     return h, logits, *sample(logits, temps, ks, u, top)
 
 
-def _mtp_hidden(w: ModelWeights, h_prev, ids, rows, pos, keys, cache):
-    """The MTP module on pairs (h_prev[n], token ids[n]) -> its hidden states [N, H] (before its norm)."""
+def _mtp_hidden(w: ModelWeights, h_prev, ids, rows, pos, keys, cache, keep=None):
+    """The MTP module on pairs (h_prev[n], token ids[n]) -> its hidden states [N, H] (before its norm); with keep,
+    those of the pairs keep only (all pairs write their cache entries)."""
     m = w.mtp
     cos, sin, visible = w.cos[pos], w.sin[pos], _visible(keys, pos)
     emb = F.rms_norm(w.embed[ids].float(), h_prev.shape[-1:], m.enorm, m.eps)
     x = _linear(torch.cat((emb, F.rms_norm(h_prev.float(), h_prev.shape[-1:], m.hnorm, m.eps)), -1), m.eh_proj)
-    return _layer(m.layer, w.cfg, x, cos, sin, rows, pos, visible, cache)
+    return _layer(m.layer, w.cfg, x, cos, sin, rows, pos, visible, cache, keep)
 
 
 def _mtp_logits(w: ModelWeights, h):
@@ -385,8 +390,9 @@ def _speculate(w: ModelWeights, h_prev, mtp_ids, last, ids, mtp_rows, mtp_pos, r
     main model runs [ids[b], draft[b]]. -> the drafts [B], the main model's hidden states [2B, H], logits [2B, V]
     and pick(logits)."""
     B = ids.shape[0]
-    h = _mtp_hidden(w, h_prev, mtp_ids, mtp_rows, mtp_pos, keys, mtp_cache).view(B, 2, -1)
-    drafts = _mtp_logits(w, h[torch.arange(B, device=h.device), last]).argmax(-1)
+    # past their cache entries, only the drafting pairs go through the MTP layer
+    keep = torch.arange(B, device=ids.device) * 2 + last
+    drafts = _mtp_logits(w, _mtp_hidden(w, h_prev, mtp_ids, mtp_rows, mtp_pos, keys, mtp_cache, keep)).argmax(-1)
     return drafts, *_main(w, torch.stack((ids, drafts), 1).reshape(-1), rows, pos, keys, caches)
 
 
