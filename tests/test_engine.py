@@ -619,6 +619,8 @@ def test_compiled_steps_run_past_dynamo_once_compiled(trained, monkeypatch, comp
     """Once a step function is compiled for its inputs, the engine runs the compiled code directly, after its guards
     (decode.DirectCalls); inputs that no compiled variant accepts (here: two sequences) go through torch.compile,
     which compiles for them, and then run directly too. The same tokens throughout."""
+    torch._dynamo.reset()  # (graphs compiled by earlier tests would serve the batch of two)
+    decode._GRAPHS.clear()
     engine = Engine(trained, max_batch=2, compile=True)
     assert engine.generate([[1, 2]], GREEDY)[0].tokens == greedy_reference(trained, [1, 2], 12)
     through_dynamo = []
