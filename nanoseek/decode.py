@@ -320,13 +320,19 @@ def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return best, logits.log_softmax(-1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
 
 
+SAMPLED_TOP_K = 64
+"""The largest top-k that sample() draws from in the graphs (the engine samples larger ones eagerly): one bound for
+all, so that the sampled graphs do not multiply (each takes seconds to compile, and in a server blocks the engine
+thread meanwhile). transformers' default is 50."""
+
+
 def sample(logits: torch.Tensor, temps: torch.Tensor, ks: torch.Tensor, u: torch.Tensor,
            top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """engine.filtered_probs (without top-p) and engine.draw for the rows of logits [N, V] at once, inside the
     graphs: row n's temperature temps[n] (0: greedy, its argmax), top-k ks[n] (0: off) and uniform number u[n]
     (drawn from its own generator by the engine) -> the tokens [N] and their log-probabilities under the raw logits.
-    top: a static bound on the ks (0 when none is set), a power of two, so that few graphs serve every top-k. The
-    same arithmetic as the eager functions: the same tokens but for last-bit differences at a boundary of the CDF.
+    top: a static bound on the ks (0 when none is set; else SAMPLED_TOP_K, or the vocabulary if smaller). The same
+    arithmetic as the eager functions: the same tokens but for last-bit differences at a boundary of the CDF.
     Eager, these ~15 small operations after a compiled step took a third of the step; top-p needs a sort of the
     vocabulary (aten::sort took ~250 us for 4096 in a graph here), so it stays eager."""
     V = logits.shape[-1]

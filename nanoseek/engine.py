@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nanoseek.decode import CompiledSteps, LayerWeights, fold_model, packs, pick
+from nanoseek.decode import SAMPLED_TOP_K, CompiledSteps, LayerWeights, fold_model, packs, pick
 from nanoseek.errors import UserError, first_line
 from nanoseek.model import NanoSeek, route
 
@@ -855,7 +855,7 @@ class Engine:
         ids = torch.tensor([[s.last] for s in seqs], device=self.cache.device)
         positions = self.cache.begin(slots, 1)
         u = None
-        if not all(s.params.greedy for s in seqs) and not any(s.params.penalized or s.params.top_p < 1 for s in seqs):
+        if self._sampled_in_graph(seqs):
             # sampled in the compiled graph when there is one (decode.sample): each row's uniform number is drawn
             # here from its own generator, and serves the eager draw as well when the graph is not there
             u = [0.0 if s.params.greedy else float(torch.rand((), generator=s.generator)) for s in seqs]
@@ -869,16 +869,23 @@ class Engine:
         self.cache.advance(slots, [1] * len(seqs))
         return self._emit_all(seqs, *self._sample(logits[:, 0], seqs, (best[:, 0], logp[:, 0]), u))
 
+    def _sampled_in_graph(self, seqs: list[_Sequence]) -> bool:
+        """Whether decode.sample draws this step's tokens: some sequence samples, and none has a penalty, top-p or a
+        top-k above SAMPLED_TOP_K (those steps sample eagerly)."""
+        V = self.model.config.vocab_size
+        return not all(s.params.greedy for s in seqs) and not any(
+            s.params.penalized or s.params.top_p < 1 or SAMPLED_TOP_K < s.params.top_k < V for s in seqs)
+
     def _sampling(self, seqs: list[_Sequence]) -> tuple:
         """decode.sample's settings for seqs: temperatures (0: greedy) and top-k (0: off) [B], and the bound of the
-        top-k (a power of two; 0: none); kept while the batch stays the same."""
+        top-k (0: none); kept while the batch stays the same."""
         key = [s.id for s in seqs]
         if key != self._sampling_for[0]:
             V, device = self.model.config.vocab_size, self.cache.device
             ks = [s.params.top_k if s.params.top_k < V else 0 for s in seqs]
             self._sampling_for = key, (
                 torch.tensor([0.0 if s.params.greedy else s.params.temperature for s in seqs], device=device),
-                torch.tensor(ks, device=device), min(V, 1 << (max(ks) - 1).bit_length()) if max(ks) else 0)
+                torch.tensor(ks, device=device), min(V, SAMPLED_TOP_K) if any(ks) else 0)
         return self._sampling_for[1]
 
     def _emit_all(self, seqs: list[_Sequence], tokens: list[int], logprobs: list[float], tops: list) -> list[Event]:
