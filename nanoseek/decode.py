@@ -485,8 +485,9 @@ class CompiledSteps:
                                            [b[0] for b in cache.buffers])
         return h.view(B, S, -1), logits.view(B, S, -1), best.view(B, S), logp.view(B, S)
 
-    def main_sampled(self, ids: torch.Tensor, cache, temps, ks, u, top: int):
-        """main() for ids [B, 1], its tokens drawn by sample() with the per-sequence temps, ks and u [B]."""
+    def main_sampled(self, ids: torch.Tensor, cache, temps, ks, top: int, u):
+        """main() for ids [B, 1], its tokens drawn by sample() with the per-sequence temps, ks and u [B] and the
+        top-k bound top."""
         B = ids.shape[0]
         h, logits, tokens, logp = self._call(_main_sampled, (ids.reshape(-1), temps, ks, u), (cache,), B > 1, B,
                                              [b[0] for b in cache.buffers], top)

@@ -523,7 +523,7 @@ class FastForward(_Forward):
         return self._compiled("main", ids, cache) or super().decode(ids, positions, cache)
 
     def decode_sampled(self, ids, cache, temps, ks, top, u):
-        return self._compiled("main_sampled", ids, cache, temps, ks, u, top)
+        return self._compiled("main_sampled", ids, cache, temps, ks, top, u)
 
     def mtp_decode(self, h_prev, next_ids, positions, cache):
         return self._compiled("mtp", h_prev, next_ids, cache) or super().mtp_decode(h_prev, next_ids, positions, cache)
@@ -854,20 +854,21 @@ class Engine:
         slots = [s.slot for s in seqs]
         ids = torch.tensor([[s.last] for s in seqs], device=self.cache.device)
         positions = self.cache.begin(slots, 1)
-        u = None
+        u = out = None
         if self._sampled_in_graph(seqs):
             # sampled in the compiled graph when there is one (decode.sample): each row's uniform number is drawn
             # here from its own generator, and serves the eager draw as well when the graph is not there
             u = [0.0 if s.params.greedy else float(torch.rand((), generator=s.generator)) for s in seqs]
-            uniform = torch.tensor(u, device=ids.device)
-            out = self.forward.decode_sampled(ids, self.cache, *self._sampling(seqs), uniform)
-            if out is not None:
-                self.cache.advance(slots, [1] * len(seqs))
-                _, logits, tokens, logp = out
-                return self._emit_all(seqs, tokens[:, 0].tolist(), logp[:, 0].tolist(), self._tops(logits[:, 0], seqs))
-        _, logits, best, logp = self.forward.decode(ids, positions, self.cache)
+            out = self.forward.decode_sampled(ids, self.cache, *self._sampling(seqs),
+                                              torch.tensor(u, device=ids.device))
+        if out is None:
+            _, logits, best, logp = self.forward.decode(ids, positions, self.cache)
+            chosen = self._sample(logits[:, 0], seqs, (best[:, 0], logp[:, 0]), u)
+        else:
+            _, logits, tokens, logp = out
+            chosen = tokens[:, 0].tolist(), logp[:, 0].tolist(), self._tops(logits[:, 0], seqs)
         self.cache.advance(slots, [1] * len(seqs))
-        return self._emit_all(seqs, *self._sample(logits[:, 0], seqs, (best[:, 0], logp[:, 0]), u))
+        return self._emit_all(seqs, *chosen)
 
     def _sampled_in_graph(self, seqs: list[_Sequence]) -> bool:
         """Whether decode.sample draws this step's tokens: some sequence samples, and none has a penalty, top-p or a
