@@ -107,6 +107,28 @@ def test_cached_decoding_matches_full_forward_for_every_impl(q_lora):
     torch.testing.assert_close(results["absorbed"], results["naive"], atol=2e-5, rtol=1e-4)
 
 
+def test_long_prefills_attend_in_query_blocks_like_the_full_forward(model, monkeypatch):
+    """The fast path's attention takes a long prefill's queries in blocks (ATTENTION_BLOCK, 4 here), each over
+    the keys it may see: a prefill of three blocks, one of four onto a cache that holds tokens already, and a batch
+    of prompts of different lengths, against the full forward."""
+    monkeypatch.setattr(engine_module, "ATTENTION_BLOCK", 4)
+    ids = torch.randint(0, 512, (1, 24))
+    engine = Engine(model, impl="fast")
+    cache, fwd = engine.cache, engine.forward
+    slot = cache.allocate()
+    out = []
+    with torch.no_grad():
+        full = model(ids)
+        for start, stop in ((0, 10), (10, 24)):
+            positions = cache.begin([slot], stop - start)
+            out.append(fwd.logits(fwd.hidden(ids[:, start:stop], positions, cache)))
+            cache.advance([slot], [stop - start])
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=2e-5, rtol=1e-4)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (13, 6, 9)]
+    batched = Engine(model, max_batch=3, impl="fast").generate(prompts, GREEDY)
+    assert [o.tokens for o in batched] == [greedy_reference(model, p, 12) for p in prompts]
+
+
 def test_mla_cache_holds_only_the_latent_and_rope_key():
     cpu = preset("cpu")
     mla = KVCache(cpu, range(1), max_batch=1, max_len=4)
