@@ -6,7 +6,7 @@ JSON object.
       the cpu preset with 6 layers, 8 routed experts and q LoRA), greedy, same prompt and number of new tokens;
       generation end to end, prefill included, for both. Also the eager engine and bfloat16 weights.
   P5  aggregate tokens/s of 32 concurrent sequences vs batch 1 (same model and engine settings), compiled and
-      eager.
+      eager. Also the time to the first token of a 900-token prompt (its prefill; compiled, float32, batch 1).
   P6  KV-cache bytes per token per layer at the cpu preset's dims: the MLA latent cache vs the MHA-equivalent
       cache (per-head K and V at the same head dims); and whether greedy outputs are identical from the latent
       cache (absorbed attention), from per-head K/V expanded out of it (naive) and from full forwards.
@@ -91,6 +91,9 @@ def p4_p5(args) -> dict:
          "p5_batch32_over_batch1": round(tps["b32_float32_compiled"] / tps["b1_float32_compiled"], 2),
          "p5_batch32_over_batch1_eager": round(tps["b32_float32"] / tps["b1_float32"], 2)}
     r.update({f"tokens_per_s_{k}": round(v, 1) for k, v in tps.items() if k != "hf"})
+    long, first = torch.randint(0, 4096, (900,)).tolist(), SamplingParams(temperature=0, max_new_tokens=1)
+    t = best_of(args.rounds, {"prefill": lambda: engines["b1_float32_compiled"].generate([long], first)})
+    r["first_token_ms_900_token_prompt"] = round(t["prefill"] * 1e3, 1)
     return r
 
 
