@@ -884,7 +884,10 @@ class Engine:
             _, logits, tokens, logp = out
             chosen = tokens[:, 0].tolist(), logp[:, 0].tolist(), self._tops(logits[:, 0], seqs)
         self.cache.advance(slots, [1] * len(seqs))
-        return self._emit_all(seqs, *chosen)
+        events = []
+        for seq, t, lp, top in zip(seqs, *chosen):
+            events += self._emit(seq, [t], [lp], [top])
+        return events
 
     def _sampled_in_graph(self, seqs: list[_Sequence]) -> bool:
         """Whether decode.sample draws this step's tokens: some sequence samples, and none has a penalty, top-p or a
@@ -904,12 +907,6 @@ class Engine:
                 torch.tensor([0.0 if s.params.greedy else s.params.temperature for s in seqs], device=device),
                 torch.tensor(ks, device=device), min(V, SAMPLED_TOP_K) if any(ks) else 0)
         return self._sampling_for[1]
-
-    def _emit_all(self, seqs: list[_Sequence], tokens: list[int], logprobs: list[float], tops: list) -> list[Event]:
-        events = []
-        for seq, t, lp, top in zip(seqs, tokens, logprobs, tops):
-            events += self._emit(seq, [t], [lp], [top])
-        return events
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence], picked=None, u: list[float] | None = None):
         """logits [B, V] fp32 -> one token per row (argmax, or sampled with the row's own generator: a seeded
